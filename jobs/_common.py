@@ -1,0 +1,37 @@
+"""Shared glue for job entry points: one-line errors and exit codes, resolved configs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from tans.config import ConfigError
+from tans.ingest import IngestError
+from tans.storage import StorageError
+from tans.tasks import TaskError
+
+# Mistakes a user can make end in one line on stderr and a non-zero exit, never a traceback.
+USER_ERRORS = (IngestError, TaskError, StorageError, FileNotFoundError)
+
+
+def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main(argv)`` and map user errors to exit codes: config 2, other input 1, ^C 130."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return int(main(argv) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` overrides from the other positional arguments."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    rest = [a for a in args if a not in overrides]
+    return overrides, rest

@@ -1,0 +1,160 @@
+"""Data stage: list the built-in corpus and ingest datasets into the storage root.
+
+    python -m jobs.data list [--json]
+    python -m jobs.data ingest SRC [--name NAME] [--image-size N] [--test-fraction F] [--force]
+                               [--config configs/data/local.yaml] [key=value ...]
+
+SRC is an ImageFolder directory (local path or ``s3://``), ``builtin:<source>``,
+``builtin:<task>`` or ``builtin:all``. ``tans data ...`` runs exactly this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jobs._common import run_main, split_overrides
+from tans.builtin import catalog
+from tans.builtin.registry import all_sources
+from tans.config import to_dict
+from tans.ingest import IngestError, IngestReport, decode_in_process, ingest_imagefolder
+from tans.job_configs import IngestConfig, load_job_config
+from tans.storage import Storage
+from tans.tasks import task_exists
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tans data", description="Built-in corpus and dataset ingest.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    lst = sub.add_parser("list", help="built-in sources and the tasks they yield")
+    lst.add_argument("--json", action="store_true", help="print a JSON array (task, source, classes, train, test, ...)")
+    ing = sub.add_parser("ingest", help="turn an ImageFolder or a built-in source into task(s)")
+    ing.add_argument("src", help="ImageFolder dir (local or s3://), builtin:<source>, builtin:<task> or builtin:all")
+    ing.add_argument("--name", help="task name (required for an ImageFolder)")
+    ing.add_argument("--image-size", type=int, help="square image size in px (default: native / first image, <= 64)")
+    ing.add_argument("--test-fraction", type=float, help="share of each class held out for test (ImageFolder)")
+    ing.add_argument("--force", action="store_true", help="replace a task that already exists")
+    ing.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
+    ing.add_argument("--config", help="ingest config YAML (default: configs/data/local.yaml)")
+    overrides, rest = split_overrides(argv)
+    args = parser.parse_args(rest)
+    args.overrides = overrides
+    return args
+
+
+def list_corpus(as_json: bool) -> int:
+    specs = catalog.all_task_specs()
+    if as_json:
+        print(json.dumps([s.as_dict() for s in specs], indent=1))
+        return 0
+    sources = all_sources()
+    print(f"{len(specs)} built-in tasks from {len(sources)} sources (materialise with `tans data ingest builtin:all`)\n")
+    for name, src in sources.items():
+        tasks = [s for s in specs if s.source == name]
+        print(f"{name}: {len(src.class_names())} classes, {src.image_size}px x{src.channels} - {src.description}")
+        print(f"    origin: {src.origin}; licence: {src.licence}")
+        for t in tasks:
+            print(f"    {t.task:<22} {t.classes:>3} classes {t.train:>6} train {t.test:>6} test")
+    return 0
+
+
+def ingest(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    for flag, key in (("image_size", "image_size"), ("test_fraction", "test_fraction"), ("root", "root")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.force:
+        overrides.append("force=true")
+    cfg: IngestConfig = load_job_config("data", args.config, overrides)
+    storage = Storage(cfg.root or None)
+    if args.src.startswith(catalog.PREFIX):
+        return ingest_builtin(storage, args.src, args.name, cfg)
+    if not args.name:
+        raise IngestError("--name is required for an ImageFolder (the task's name in the storage root)")
+    decode_many = decode_in_process
+    engine = "local"
+    from tans.ingest import list_imagefolder
+
+    if list_imagefolder(args.src).num_files >= cfg.ray_min_images:
+        from tans import runtime
+
+        runtime.init_ray()
+        decode_many, engine = runtime.decode_with_ray_data, "ray-data"
+    report = ingest_imagefolder(
+        storage,
+        args.src,
+        args.name,
+        image_size=cfg.image_size,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        force=cfg.force,
+        part_rows=cfg.part_rows,
+        decode_many=decode_many,
+        engine=engine,
+        config=to_dict(cfg),
+    )
+    print(report.summary())
+    print(f"written to {storage.uri_of('tasks/' + args.name)}")
+    return 0
+
+
+def ingest_builtin(storage: Storage, src: str, name: str | None, cfg: IngestConfig) -> int:
+    specs = catalog.resolve(src)
+    if name and (len(specs) != 1 or name != specs[0].task):
+        raise IngestError("--name cannot rename built-in tasks; their names are fixed (see `tans data list`)")
+    if len(specs) == 1 and task_exists(storage, specs[0].task) and not cfg.force:
+        raise IngestError(f"task {specs[0].task!r} already exists in {storage.uri} (use --force to replace it)")
+    todo = [s for s in specs if cfg.force or not task_exists(storage, s.task)]
+    if len(todo) < len(specs):
+        print(f"{len(specs) - len(todo)} task(s) already in {storage.uri}; skipping them (--force rebuilds)")
+    t0 = time.perf_counter()
+    reports = list(_materialise_all(storage, todo, cfg))
+    images = sum(r.info.counts["train"] + r.info.counts["test"] for r in reports)
+    print(f"materialised {len(reports)} task(s), {images} images, in {time.perf_counter() - t0:.1f}s -> {storage.uri_of('tasks')}")
+    return 0
+
+
+def _materialise_all(storage: Storage, specs: list[catalog.TaskSpec], cfg: IngestConfig):
+    from tqdm import tqdm
+
+    config = to_dict(cfg)
+    bar = tqdm(total=len(specs), desc="tasks", unit="task", file=sys.stderr, disable=len(specs) < 2)
+    if cfg.ray_for_builtin and len(specs) > 1:
+        from tans import runtime
+
+        runtime.init_ray()
+        results = runtime.materialise_builtin_with_ray(storage.uri, specs, cfg.image_size, cfg.force, cfg.part_rows, config)
+    else:
+        results = ((s, _try(storage, s, cfg, config)) for s in specs)
+    failed = []
+    for spec, result in results:
+        bar.update(1)
+        if isinstance(result, IngestReport):
+            bar.write(result.summary(), file=sys.stderr)
+            yield result
+        else:
+            failed.append(f"{spec.task}: {result}")
+    bar.close()
+    if failed:
+        raise IngestError(f"{len(failed)} task(s) failed, first: {failed[0]}")
+
+
+def _try(storage: Storage, spec: catalog.TaskSpec, cfg: IngestConfig, config: dict):
+    try:
+        return catalog.materialise(storage, spec, cfg.image_size, cfg.force, cfg.part_rows, config=config)
+    except IngestError as exc:
+        return exc
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.command == "list":
+        return list_corpus(args.json)
+    return ingest(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,61 @@
+"""The ``tans`` command: a thin dispatcher to the job modules in ``jobs/``.
+
+Each ``tans X`` runs ``python -m jobs.<module>`` in-process, so the same thing can be handed to
+``ray job submit``. Job modules are imported only when their command runs, which keeps
+``tans --help`` fast and ``import tans`` free of Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (job module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("jobs.data", "list the built-in corpus; ingest an ImageFolder or builtin:<source> as tasks"),
+    "demo": ("jobs.demo", "the whole pipeline end to end on the built-in corpus, on a local Ray"),
+}
+
+# Stages whose issues have not landed yet: say so instead of "unknown command".
+PLANNED = {
+    "build-zoo": "the model zoo stage (issue: model zoo)",
+    "zoo": "zoo statistics (issue: model zoo)",
+    "train-space": "the cross-modal space stage (issue: cross-modal space)",
+    "search": "search and fine-tuning (issue: search)",
+    "predict": "batch inference with an exported model (issue: search)",
+    "serve": "the online retriever (issue: serving)",
+}
+
+
+def usage() -> str:
+    lines = ["usage: tans <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`tans <command> --help` describes a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from tans import __version__
+
+        print(f"tans {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in PLANNED:
+        print(f"error: `tans {command}` is not implemented yet: {PLANNED[command]}", file=sys.stderr)
+        return 2
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    from jobs._common import run_main
+
+    return run_main(module.main, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""One typed config per job. YAML files in ``configs/<job>/<profile>.yaml`` fill these.
+
+Profiles: ``tiny`` (tests, seconds), ``local`` (2 CPU cores), ``full`` (GPU clusters).
+Defaults here are the ``local`` behaviour; a YAML only states what it changes or wants to show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tans.config import ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class IngestConfig:
+    """``tans data ingest``: turning a source into a task in the storage root."""
+
+    root: str = ""  # storage root; "" means $TANS_ROOT, else ~/.cache/tans
+    image_size: int = 0  # 0: built-in sources keep their native size, ImageFolders their first image's (<= 64 px)
+    test_fraction: float = 0.2  # ImageFolder inputs: share of each class held out for test
+    seed: int = 0  # seeds the ImageFolder train/test split
+    part_rows: int = 5000  # rows per Parquet part
+    ray_min_images: int = 20000  # ImageFolders with at least this many files decode on Ray Data
+    ray_for_builtin: bool = False  # materialise several built-in tasks as parallel Ray tasks
+    force: bool = False  # replace a task that already exists
+
+    def validate(self) -> None:
+        if self.image_size < 0 or (0 < self.image_size < 8) or self.image_size > 1024:
+            raise ValueError(f"image_size must be 0 (native) or 8..1024, got {self.image_size}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be between 0 and 1, got {self.test_fraction}")
+        if self.part_rows < 1:
+            raise ValueError(f"part_rows must be >= 1, got {self.part_rows}")
+
+
+@dataclass
+class DemoConfig:
+    """``tans demo``: the whole pipeline on the built-in corpus, on a local Ray."""
+
+    root: str = ""  # storage root; "" means $TANS_ROOT, else ~/.cache/tans
+    splits: str = "configs/splits/default.yaml"  # which tasks play which role
+    data: IngestConfig = field(default_factory=IngestConfig)
+
+
+@dataclass
+class SplitsConfig:
+    """Which tasks each stage may use (DESIGN.md: meta_train / meta_val / meta_test)."""
+
+    meta_train: list[str] = field(default_factory=list)  # base pretraining, zoo, space training
+    meta_val: list[str] = field(default_factory=list)  # own supernet and zoo rows; measure generalisation
+    meta_test: list[str] = field(default_factory=list)  # left out of everything; the demo searches on them
+
+    def validate(self) -> None:
+        seen: dict[str, str] = {}
+        for role in ("meta_train", "meta_val", "meta_test"):
+            tasks = getattr(self, role)
+            for task in tasks:
+                if task in seen:
+                    raise ValueError(f"{role}: task {task!r} is already in {seen[task]} (splits must be disjoint)")
+                seen[task] = role
+        if not self.meta_train:
+            raise ValueError("meta_train: needs at least one task")
+
+    def all_tasks(self) -> list[str]:
+        return [*self.meta_train, *self.meta_val, *self.meta_test]
+
+    def digest(self) -> str:
+        """A short hash of the three lists, recorded by every artifact built from them."""
+        blob = json.dumps([self.meta_train, self.meta_val, self.meta_test]).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# job name -> config class: `configs/<job>/*.yaml` must load into it (tests check every file).
+JOB_CONFIGS: dict[str, type] = {
+    "data": IngestConfig,
+    "demo": DemoConfig,
+    "splits": SplitsConfig,
+}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given, or relative to the repository when not found from here."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = REPO_ROOT / p
+    return alt if alt.exists() else p
+
+
+def load_job_config(job: str, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()):
+    """Load the config of ``job`` from ``path`` (None: ``configs/<job>/local.yaml``)."""
+    if job not in JOB_CONFIGS:
+        raise ConfigError(f"unknown job {job!r}")
+    if path is None:
+        path = CONFIG_DIR / job / "local.yaml"
+    return load_config(JOB_CONFIGS[job], resolve_config_path(path), overrides)
+
+
+def load_splits(path: str | Path) -> SplitsConfig:
+    return load_config(SplitsConfig, resolve_config_path(path))

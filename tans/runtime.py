@@ -1,0 +1,99 @@
+"""The one place the library meets Ray: starting/connecting, Ray Data readers and fan-out.
+
+Only ``jobs/`` (and ``serve/``) import this module, so ``import tans`` never imports ``ray``.
+
+* :func:`init_ray` connects to ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``),
+  else starts an embedded single-node Ray whose listeners stay on 127.0.0.1.
+* :func:`task_dataset` is a task split as a Ray Dataset (``read_parquet`` through the storage
+  root's filesystem) - the form Ray Train shards into workers with ``streaming_split``.
+* :func:`decode_with_ray_data` decodes a large ImageFolder with ``map_batches``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pyarrow.fs as pafs
+
+from tans.ingest import DecodedImage, decode_image_bytes
+from tans.storage import Storage
+from tans.tasks import read_task_info, task_dir
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True):
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=not quiet)
+    else:
+        # An embedded node: keep every listener on loopback (DESIGN.md, environment facts).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
+    return ray
+
+
+def task_dataset(storage: Storage, task: str, split: str):
+    """One split of ``task`` as a ``ray.data.Dataset`` with columns ``image`` and ``label``."""
+    import ray.data
+
+    info = read_task_info(storage, task)
+    paths = [storage.path(f"{task_dir(task)}/{split}/{p}") for p in info.parts[split]]
+    return ray.data.read_parquet(paths, filesystem=storage.fs)
+
+
+def decode_with_ray_data(fs: pafs.FileSystem, paths: Sequence[str], image_size: int) -> list[DecodedImage]:
+    """Decode ``paths`` on Ray Data (read_binary_files -> map_batches); results in input order."""
+    import pandas as pd
+    import ray.data
+
+    order = {p: i for i, p in enumerate(paths)}
+
+    def decode_batch(batch: pd.DataFrame) -> pd.DataFrame:
+        out = [decode_image_bytes(b, image_size) for b in batch["bytes"]]
+        return pd.DataFrame(
+            {
+                "path": batch["path"],
+                "rgb": [d.rgb for d in out],
+                "grey": [d.grey for d in out],
+            }
+        )
+
+    ds = ray.data.read_binary_files(list(paths), filesystem=fs, include_paths=True)
+    results: list[DecodedImage | None] = [None] * len(paths)
+    decoded = ds.map_batches(decode_batch, batch_format="pandas", batch_size=256)
+    for batch in decoded.iter_batches(batch_format="pandas", batch_size=1024):
+        for path, rgb, grey in zip(batch["path"], batch["rgb"], batch["grey"]):
+            # Ray Data reports paths without a scheme; match on the filesystem path.
+            idx = order.get(path)
+            if idx is None:
+                idx = order[next(p for p in order if p.endswith(path) or path.endswith(p))]
+            results[idx] = DecodedImage(rgb if rgb is not None else None, grey if grey is not None else None)
+    missing = [p for p, r in zip(paths, results) if r is None]
+    if missing:
+        raise RuntimeError(f"Ray Data returned no result for {len(missing)} file(s), e.g. {missing[0]}")
+    return results  # type: ignore[return-value]
+
+
+def materialise_builtin_with_ray(storage_uri: str, specs: list, image_size: int, force: bool, part_rows: int, config: dict):
+    """Materialise built-in tasks as parallel Ray tasks; yields ``(spec, report_or_error)``."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def one(spec):
+        from tans.builtin.catalog import materialise
+        from tans.ingest import IngestError
+
+        try:
+            return spec, materialise(Storage(storage_uri), spec, image_size, force, part_rows, config=config)
+        except IngestError as exc:
+            return spec, exc
+
+    pending = [one.remote(s) for s in specs]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])

