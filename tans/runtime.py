@@ -72,11 +72,16 @@ def decode_with_ray_data(fs: pafs.FileSystem, paths: Sequence[str], image_size: 
             idx = order.get(path)
             if idx is None:
                 idx = order[next(p for p in order if p.endswith(path) or path.endswith(p))]
-            results[idx] = DecodedImage(rgb if rgb is not None else None, grey if grey is not None else None)
+            # pandas turns None into NA in binary columns: anything but bytes means "no image"
+            results[idx] = DecodedImage(_as_bytes(rgb), _as_bytes(grey))
     missing = [p for p, r in zip(paths, results) if r is None]
     if missing:
         raise RuntimeError(f"Ray Data returned no result for {len(missing)} file(s), e.g. {missing[0]}")
     return results  # type: ignore[return-value]
+
+
+def _as_bytes(value) -> bytes | None:
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
 
 
 def materialise_builtin_with_ray(storage_uri: str, specs: list, image_size: int, force: bool, part_rows: int, config: dict):

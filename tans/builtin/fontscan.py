@@ -2,13 +2,16 @@
 
 The rendered-character sources (:mod:`tans.builtin.fonts`) need, per script, a fixed set of fonts
 that cover the script. Which fonts exist must not depend on what else happens to be installed on a
-machine, so only the files that dpkg lists for :data:`FONT_PACKAGES` are considered (the Makefile
-installs exactly those). A face is used for a character only if
+machine, so only the files that dpkg lists for the source's Debian packages are considered (the
+Makefile installs exactly those). A face is used for a script only if, for *every* character of
+the script (so every class has the same fonts),
 
 * the font's Unicode cmap maps the character to a real glyph (not glyph 0, ``.notdef``) and no
   other character of the script maps to the same glyph (a font that draws ``a`` with the ``A``
   glyph, or many characters with one fallback box, would make classes indistinguishable);
 * FreeType says the glyph has ink (a non-empty bounding box) that fits the canvas.
+
+Symbol-like and a few misbehaving fonts are excluded by name (:data:`EXCLUDED`).
 
 The cmap is read with a few ``struct`` calls instead of fontTools: fontTools would also decode every
 glyph name, which takes ~10 s for the ~800 installed faces; this takes well under a second. All
@@ -28,25 +31,13 @@ from PIL import ImageFont
 
 DPKG_INFO = "/var/lib/dpkg/info"
 
-# Debian packages whose font files the script sources may use (fonts-thai-tlwg is a metapackage:
-# its -ttf members are named so the files are the same TrueType ones on every machine).
-FONT_PACKAGES = (
-    "culmus", "fonts-arabeyes", "fonts-arphic-ukai", "fonts-arphic-uming", "fonts-baekmuk",
-    "fonts-cantarell", "fonts-cmu", "fonts-comic-neue", "fonts-croscore", "fonts-dancingscript",
-    "fonts-dejavu-core", "fonts-ebgaramond", "fonts-farsiweb", "fonts-freefont-ttf", "fonts-gargi",
-    "fonts-gfs-artemisia", "fonts-gfs-didot", "fonts-hosny-amiri", "fonts-humor-sans",
-    "fonts-ipafont-gothic", "fonts-ipafont-mincho", "fonts-kacst", "fonts-kalapi",
-    "fonts-liberation2", "fonts-linuxlibertine", "fonts-lohit-deva", "fonts-nakula",
-    "fonts-nanum", "fonts-noto-cjk", "fonts-noto-core", "fonts-open-sans", "fonts-paratype",
-    "fonts-samyak-deva", "fonts-sarai", "fonts-sil-ezra", "fonts-sil-scheherazade",
-    "fonts-unfonts-core", "fonts-urw-base35", "fonts-wqy-microhei", "fonts-wqy-zenhei",
-    *(f"fonts-tlwg-{n}-ttf" for n in (
-        "garuda", "kinnari", "laksaman", "loma", "mono", "norasi", "purisa", "sawasdee",
-        "typewriter", "typist", "typo", "umpush", "waree")),
-)
-
 # Symbol, dingbat, emoji and notation fonts map letters to pictures or are not text faces at all.
-EXCLUDED = re.compile(r"symbol|dingbat|emoji|icon|ornament|music|math|signwriting|d050000l",
+# Also out: Linux Biolinum Keyboard (letters on key caps), Humor Sans (capitals for lower case),
+# ae_Haramain draws each Arabic letter small inside an ornamental tile; KacstScreen and
+# KacstDigital map Arabic code points to joining (not isolated) forms; KacstTitleL's hairlines
+# vanish at 32 px.
+EXCLUDED = re.compile(r"symbol|dingbat|emoji|icon|ornament|music|math|signwriting|d050000l|"
+                      r"keyboard|humor|haramain|kacstscreen|kacstdigital|kacsttitlel",
                       re.IGNORECASE)
 
 # Faces that are the same design under another name share one train/test group, so a test font
@@ -79,20 +70,15 @@ def package_files(package: str) -> list[str]:
     return []
 
 
-def missing_packages() -> list[str]:
-    """Font packages that are not installed."""
-    return [p for p in FONT_PACKAGES if not package_files(p)]
-
-
 @functools.lru_cache(maxsize=None)
-def all_faces() -> tuple[Face, ...]:
-    """Every TrueType/OpenType face of :data:`FONT_PACKAGES`, sorted by path.
+def all_faces(packages: tuple[str, ...]) -> tuple[Face, ...]:
+    """Every TrueType/OpenType face of the Debian ``packages``, sorted by path.
 
     Only face 0 of a .ttc collection is used: the other faces of the installed collections are
     regional or monospaced variants that draw the same glyphs (near-duplicate fonts).
     """
     faces = {}
-    for package in FONT_PACKAGES:
+    for package in packages:
         for path in package_files(package):
             if path.lower().endswith((".ttf", ".otf", ".ttc")) and os.path.isfile(path):
                 real = os.path.realpath(path)
@@ -183,8 +169,9 @@ def glyph_ids(face: Face, chars: str) -> list[int]:
 
 
 def pil_font(face: Face, size: int) -> ImageFont.FreeTypeFont:
-    """The face as a Pillow font; basic layout, so a lone character draws its cmap glyph (the
-    isolated form for Arabic) whether or not libraqm is present."""
+    """The face as a Pillow font with basic layout: a lone character draws its cmap glyph (for
+    Arabic the isolated form), the same whether or not Pillow has libraqm. (Shaping with raqm was
+    tried: it changed the isolated glyph of 4 of 75 Arabic fonts, only for heh.)"""
     return ImageFont.truetype(face.path, size, index=face.index,
                               layout_engine=ImageFont.Layout.BASIC)
 
@@ -199,30 +186,32 @@ def group_key(face: Face, font: ImageFont.FreeTypeFont) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def covered(chars: str, size: int, canvas: int, min_coverage: float):
-    """Faces usable for a script: ``((face, group, coverage_mask), ...)``, sorted by path.
+def usable_faces(chars: str, packages: tuple[str, ...], size: int, canvas: int,
+                 baseline: float) -> tuple[tuple[Face, str], ...]:
+    """``(face, group)`` of the faces of ``packages`` that draw every one of ``chars``.
 
-    ``coverage_mask[i]`` says whether the face draws ``chars[i]`` (see the module docstring). Faces
-    that draw fewer than ``min_coverage`` of the characters are left out; of each group, at most
-    :data:`MAX_FACES_PER_GROUP` faces (the first by path) are kept.
+    "Draws" is in the module docstring's sense; the ink must also fit the square ``canvas`` when
+    drawn at ``size`` px on a baseline ``baseline`` em below the centre. Of each group at most
+    :data:`MAX_FACES_PER_GROUP` faces (the first by path) are kept. Sorted by path.
     """
     kept, per_group = [], {}
-    for face in all_faces():
+    half = 0.47 * canvas  # a small margin left for the augmentations
+    for face in all_faces(packages):
         gids = glyph_ids(face, chars)
-        if sum(g != 0 for g in gids) < min_coverage * len(chars):
+        if 0 in gids or len(set(gids)) < len(gids):
             continue
         font = pil_font(face, size)
         if EXCLUDED.search(font.getname()[0] or ""):
             continue
-        mask = []
-        for ch, gid in zip(chars, gids):
-            x0, y0, x1, y1 = font.getbbox(ch, anchor="mm")
-            inside = max(abs(x0), abs(x1), abs(y0), abs(y1)) < 0.42 * canvas
-            mask.append(gid != 0 and gids.count(gid) == 1 and y1 > y0 and inside)
-        if sum(mask) < min_coverage * len(chars):
-            continue
-        group = group_key(face, font)
-        if per_group.get(group, 0) < MAX_FACES_PER_GROUP:
-            per_group[group] = per_group.get(group, 0) + 1
-            kept.append((face, group, tuple(mask)))
+        for ch in chars:
+            # y: the ink; x: the advance (Pillow reports the advance box horizontally).
+            x0, y0, x1, y1 = font.getbbox(ch, anchor="ms")
+            y0, y1 = y0 + baseline * size, y1 + baseline * size
+            if not (y1 > y0 and max(abs(x0), abs(x1), abs(y0), abs(y1)) <= half):
+                break
+        else:
+            group = group_key(face, font)
+            if per_group.get(group, 0) < MAX_FACES_PER_GROUP:
+                per_group[group] = per_group.get(group, 0) + 1
+                kept.append((face, group))
     return tuple(kept)

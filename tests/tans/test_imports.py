@@ -1,0 +1,40 @@
+"""The library stays free of Ray: `import tans` (and its core modules) never imports `ray`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CORE_MODULES = [
+    "tans",
+    "tans.config",
+    "tans.storage",
+    "tans.tasks",
+    "tans.ingest",
+    "tans.reader",
+    "tans.job_configs",
+    "tans.builtin.catalog",
+    "tans.cli",
+]
+
+
+@pytest.mark.timeout(120)
+def test_core_does_not_import_ray():
+    code = "import sys\n" + "".join(f"import {m}\n" for m in CORE_MODULES) + "print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.timeout(60)
+def test_cli_help_and_planned_commands():
+    from tests.conftest import run_cli
+
+    ok = run_cli("--help")
+    assert ok.returncode == 0 and "data" in ok.stdout and "demo" in ok.stdout
+    planned = run_cli("build-zoo")
+    assert planned.returncode == 2 and "not implemented yet" in planned.stderr
+    unknown = run_cli("frobnicate")
+    assert unknown.returncode == 2 and "unknown command" in unknown.stderr

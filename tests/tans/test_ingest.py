@@ -1,0 +1,148 @@
+"""Ingest of ImageFolders: round trip, and every bad input ends in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tans.ingest import IngestError, ingest_imagefolder
+from tans.reader import iter_batches, load_task_tensors
+from tans.storage import Storage
+from tans.tasks import read_split, read_task_info, decode_png
+from tests.conftest import make_imagefolder, run_cli
+
+
+@pytest.mark.timeout(60)
+def test_imagefolder_round_trip(tmp_path):
+    src = make_imagefolder(tmp_path / "src", {"cat": 12, "dog": 9, "emu": 7}, size=20)
+    st = Storage(str(tmp_path / "root"))
+    report = ingest_imagefolder(st, str(src), "pets", image_size=16, test_fraction=0.25, seed=1, part_rows=5)
+
+    info = read_task_info(st, "pets")
+    assert info.classes == ["cat", "dog", "emu"]
+    assert info.image_size == 16 and info.channels == 3
+    assert info.counts["train"] + info.counts["test"] == 28
+    # stratified, seeded split: ceil(0.25 * n) per class in test
+    assert info.class_counts["test"] == [3, 3, 2]
+    assert info.class_counts["train"] == [9, 6, 5]
+    assert len(info.parts["train"]) == 4  # 20 rows in parts of 5
+    train = read_split(st, "pets", "train")
+    labels = np.array(train.column("label").to_pylist())
+    assert np.bincount(labels).tolist() == [9, 6, 5]
+    # the pixels carry the class: class c has mean level 30 + 60c
+    for png, lab in zip(train.column("image").to_pylist(), labels):
+        arr = decode_png(png)
+        assert arr.shape == (16, 16, 3)
+        assert abs(arr.mean() - (30 + 60 * lab)) < 10
+    assert report.skipped == {"cat": 0, "dog": 0, "emu": 0}
+
+    # the same seed gives the same split
+    st2 = Storage(str(tmp_path / "root2"))
+    ingest_imagefolder(st2, str(src), "pets", image_size=16, test_fraction=0.25, seed=1)
+    assert read_split(st2, "pets", "test").column("image").to_pylist() == read_split(st, "pets", "test").column("image").to_pylist()
+
+    # the reader yields normalised 3-channel tensors in shards
+    data = load_task_tensors(st, "pets", "train", image_size=24, channels=3)
+    assert tuple(data.images.shape) == (20, 3, 24, 24)
+    batches = list(iter_batches(data, batch_size=4, shuffle=True, seed=0, rank=1, world_size=2, drop_last=True))
+    assert sum(len(y) for _, y in batches) == 8 and all(x.shape[0] == 4 for x, _ in batches)
+    assert -1.0 <= float(batches[0][0].min()) and float(batches[0][0].max()) <= 1.0
+
+
+@pytest.mark.timeout(60)
+def test_grey_folder_stays_grey_and_corrupt_files_are_skipped(tmp_path):
+    src = make_imagefolder(tmp_path / "src", {"a": 6, "b": 6}, mode="L")
+    (src / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (src / "b" / "notes.txt").write_text("not an image")
+    (src / "b" / ".DS_Store").write_bytes(b"\x00")
+    st = Storage(str(tmp_path / "root"))
+    report = ingest_imagefolder(st, str(src), "grey", image_size=0)
+    info = read_task_info(st, "grey")
+    assert info.channels == 1 and info.image_size == 20
+    assert report.skipped == {"a": 1, "b": 1}
+    assert info.counts["train"] + info.counts["test"] == 12
+    assert "skipped 2 unreadable" in report.summary()
+
+
+def _bad(tmp_path, kind):
+    src = tmp_path / "src"
+    if kind == "missing":
+        return str(tmp_path / "does-not-exist"), "no such directory"
+    if kind == "empty":
+        src.mkdir()
+        return str(src), "empty"
+    if kind == "file":
+        src.write_text("x")
+        return str(src), "not a directory"
+    if kind == "one-class":
+        make_imagefolder(src, {"only": 5})
+        return str(src), "at least 2"
+    if kind == "class-without-files":
+        make_imagefolder(src, {"a": 5})
+        (src / "b").mkdir()
+        return str(src), "class 'b' has no files"
+    if kind == "class-unreadable":
+        make_imagefolder(src, {"a": 5})
+        (src / "b").mkdir()
+        for i in range(3):
+            (src / "b" / f"x{i}.jpg").write_bytes(b"garbage")
+        return str(src), "class 'b' has no readable image"
+    raise AssertionError(kind)
+
+
+BAD_KINDS = ["missing", "empty", "file", "one-class", "class-without-files", "class-unreadable"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_imagefolder_writes_nothing(tmp_path, kind):
+    src, message = _bad(tmp_path, kind)
+    st = Storage(str(tmp_path / "root"))
+    with pytest.raises(IngestError, match=message):
+        ingest_imagefolder(st, src, "bad")
+    assert not st.exists("tasks/bad")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_cli_bad_input_is_one_line_nonzero_and_writes_nothing(tmp_path, kind):
+    src, message = _bad(tmp_path, kind)
+    root = tmp_path / "root"
+    proc = run_cli("data", "ingest", src, "--name", "bad", "--root", str(root), "--config", "configs/data/tiny.yaml")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], proc.stderr
+    assert not (root / "tasks" / "bad").exists()
+
+
+@pytest.mark.timeout(120)
+def test_cli_existing_task_needs_force(tmp_path):
+    src = make_imagefolder(tmp_path / "src", {"a": 4, "b": 4})
+    root = tmp_path / "root"
+    args = ("data", "ingest", str(src), "--name", "t", "--root", str(root), "--config", "configs/data/tiny.yaml")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "task t: 2 classes" in first.stdout
+    before = (root / "tasks/t/task.json").read_text()
+    again = run_cli(*args)
+    assert again.returncode == 1 and "already exists" in again.stderr and "--force" in again.stderr
+    assert (root / "tasks/t/task.json").read_text() == before  # untouched
+    forced = run_cli(*args, "--force", "--image-size", "12")
+    assert forced.returncode == 0, forced.stderr
+    info = json.loads((root / "tasks/t/task.json").read_text())
+    assert info["image_size"] == 12 and info["config"]["force"] is True
+
+
+@pytest.mark.timeout(120)
+def test_cli_config_errors_exit_2(tmp_path):
+    src = make_imagefolder(tmp_path / "src", {"a": 4, "b": 4})
+    proc = run_cli("data", "ingest", str(src), "--name", "t", "--config", "configs/data/tiny.yaml", "image_sise=32")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "unknown key 'image_sise'" in proc.stderr and "configs/data/tiny.yaml" in proc.stderr
+    proc = run_cli("data", "ingest", str(src), "--name", "t", "--test-fraction", "1.5")
+    assert proc.returncode == 2 and "test_fraction" in proc.stderr
+    proc = run_cli("data", "ingest", str(src), "--name", "../evil")
+    assert proc.returncode == 1 and "invalid task name" in proc.stderr
