@@ -121,7 +121,7 @@ def _materialise_all(storage: Storage, specs: list[catalog.TaskSpec], cfg: Inges
     from tqdm import tqdm
 
     config = to_dict(cfg)
-    bar = tqdm(total=len(specs), desc="tasks", unit="task", file=sys.stderr, disable=len(specs) < 2)
+    bar = tqdm(total=len(specs), desc="tasks", unit="task", file=sys.stderr, disable=True if len(specs) < 2 else None)
     if cfg.ray_for_builtin and len(specs) > 1:
         from tans import runtime
 

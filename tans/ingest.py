@@ -164,7 +164,7 @@ def decode_in_process(fs: pafs.FileSystem, paths: Sequence[str], image_size: int
     """Read and decode ``paths`` one by one in this process, with a progress bar."""
     from tqdm import tqdm
 
-    return [decode_image_bytes(read_file(fs, p), image_size) for p in tqdm(paths, desc="decoding", unit="img", leave=False)]
+    return [decode_image_bytes(read_file(fs, p), image_size) for p in tqdm(paths, desc="decoding", unit="img", leave=False, disable=None)]
 
 
 def ingest_imagefolder(
