@@ -9,9 +9,20 @@ from tans.config import ConfigError
 from tans.ingest import IngestError
 from tans.storage import StorageError
 from tans.tasks import TaskError
+from tans.zoo import ZooError
 
 # Mistakes a user can make end in one line on stderr and a non-zero exit, never a traceback.
-USER_ERRORS = (IngestError, TaskError, StorageError, FileNotFoundError)
+USER_ERRORS = (IngestError, TaskError, StorageError, ZooError, FileNotFoundError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    # Modules that pull in torch define user errors too (unknown family, unreadable checkpoint);
+    # count them only once loaded, so light commands never import torch just to catch them.
+    extra = []
+    supernets = sys.modules.get("tans.supernets")
+    if supernets is not None and hasattr(supernets, "SupernetError"):
+        extra.append(supernets.SupernetError)
+    return USER_ERRORS + tuple(extra)
 
 
 def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
@@ -22,12 +33,14 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:

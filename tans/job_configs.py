@@ -76,11 +76,83 @@ class SplitsConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+@dataclass
+class PretrainConfig:
+    """Base supernet pretraining on the pooled meta_train tasks (Ray Train, sandwich rule)."""
+
+    epochs: int = 3  # passes over the pooled subset; a checkpoint after each
+    images_per_task: int = 600  # seeded subset of each meta_train task's train split
+    batch_size: int = 64
+    lr: float = 0.05  # SGD, cosine schedule over all steps
+    momentum: float = 0.9
+    weight_decay: float = 3e-5
+    random_subnets: int = 1  # sandwich rule: largest + smallest + this many random subnets per step
+    num_workers: int = 1  # Ray Train workers (DDP)
+    cpus_per_worker: int = 2
+    use_gpu: bool = False
+    max_failures: int = 2  # worker failures Ray Train recovers from (restart from last checkpoint)
+    init: str = ""  # "" random init; "ofa:<net_id>" or a checkpoint URI (local or s3://)
+
+
+@dataclass
+class FinetuneConfig:
+    """Per-task supernet fine-tuning (one Ray task per task, sandwich rule)."""
+
+    steps: int = 60  # optimizer steps per task
+    batch_size: int = 64
+    images_per_task: int = 1000  # seeded subset of the task's train split
+    lr: float = 0.02
+    random_subnets: int = 1
+    cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0
+
+
+@dataclass
+class MeasureConfig:
+    """Subnet sampling and measurement (one Ray task per (task, subnet batch))."""
+
+    subnets_per_task: int = 16  # always includes the largest and the smallest
+    seed: int = 0  # seeds the architecture sample (same for every task)
+    bn_batches: int = 4  # BatchNorm recalibration batches (train split)
+    bn_batch_size: int = 64
+    test_images: int = 1000  # cap on test images evaluated per subnet (seeded subset)
+    probe_size: int = 16  # Gaussian probe batch for the functional embedding
+    probe_seed: int = 0
+    cpus_per_item: float = 1.0
+
+
+@dataclass
+class ZooConfig:
+    """``tans build-zoo``: base supernet, per-task supernets, measured subnets -> zoo rows."""
+
+    name: str = ""  # the zoo's name: <root>/zoo/<name>/ (e.g. local-ofa_mbv3_w1.0-48px)
+    root: str = ""
+    family: str = "ofa_mbv3_w1.0"
+    image_size: int = 48
+    splits: str = "configs/splits/default.yaml"
+    tasks: list[str] = field(default_factory=list)  # empty: meta_train + meta_val of the splits
+    pretrain_tasks: list[str] = field(default_factory=list)  # empty: meta_train of the splits
+    seed: int = 0
+    force: bool = False  # redo finished tasks
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError("name: every zoo needs a name (e.g. local-ofa_mbv3_w1.0-48px)")
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+        if self.measure.subnets_per_task < 2:
+            raise ValueError("measure.subnets_per_task must be >= 2 (the largest and the smallest)")
+
+
 # job name -> config class: `configs/<job>/*.yaml` must load into it (tests check every file).
 JOB_CONFIGS: dict[str, type] = {
     "data": IngestConfig,
     "demo": DemoConfig,
     "splits": SplitsConfig,
+    "zoo": ZooConfig,
 }
 
 

@@ -1,0 +1,176 @@
+"""Ray work items of the zoo build: per-task fine-tunes and per-(task, subnets) measurements.
+
+The driver submits every fine-tune and every measurement item at once; a measurement item takes
+its task's fine-tune result as an argument, so Ray starts it as soon as that supernet exists and
+measuring overlaps fine-tuning. When all items of a task are back, the driver writes the task's
+zoo part in one atomic write - a killed build loses at most unfinished tasks, never half a part.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import sys
+import time
+from datetime import datetime, timezone
+
+import ray
+import torch
+
+from tans.job_configs import ZooConfig
+from tans.storage import Storage
+from tans.zoo import ZooRow, write_part
+
+
+def task_supernet_rel(zoo: str, task: str) -> str:
+    return f"supernets/{zoo}/tasks/{task}/model.pt"
+
+
+def _load_state(storage: Storage, rel: str) -> dict:
+    return torch.load(io.BytesIO(storage.read_bytes(rel)), map_location="cpu", weights_only=True)
+
+
+def _save_state(storage: Storage, rel: str, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(rel, buf.getvalue())
+
+
+def _subset(data, n: int, seed: int):
+    """A seeded subset of at most ``n`` rows of a TaskTensors (all of it if smaller)."""
+    from tans.reader import TaskTensors
+
+    if len(data) <= n:
+        return data
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+    return TaskTensors(data.images[idx], data.labels[idx], data.num_classes)
+
+
+def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str) -> str:
+    """Fine-tune the base supernet on ``task`` (new head); save it; return its relative path."""
+    from tans.elastic import finetune_for_task
+    from tans.reader import load_task_tensors
+    from tans.supernets import get_family
+
+    storage = Storage(storage_uri)
+    rel = task_supernet_rel(cfg.name, task)
+    if storage.is_file(rel) and not cfg.force:
+        return rel  # a resumed build reuses finished fine-tunes
+    torch.set_num_threads(max(1, int(cfg.finetune.cpus_per_task)))
+    family = get_family(cfg.family)
+    data = _subset(load_task_tensors(storage, task, "train", cfg.image_size), cfg.finetune.images_per_task, cfg.seed)
+    model, _metrics = finetune_for_task(
+        _load_state(storage, base_rel),
+        family,
+        data.num_classes,
+        data,
+        steps=cfg.finetune.steps,
+        batch_size=cfg.finetune.batch_size,
+        lr=cfg.finetune.lr,
+        seed=cfg.seed,
+        random_subnets=cfg.finetune.random_subnets,
+    )
+    _save_state(storage, rel, model.state_dict())
+    return rel
+
+
+def measure_items(storage_uri: str, cfg: ZooConfig, task: str, supernet_rel: str, archs: list) -> dict:
+    """Measure ``archs`` on ``task``'s supernet; returns rows (as dicts), node id and timing."""
+    from tans.measure import measure_subnet, probe_batch
+    from tans.reader import iter_batches, load_task_tensors
+    from tans.subnets import model_id
+    from tans.supernets import get_family
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, int(cfg.measure.cpus_per_item)))
+    storage = Storage(storage_uri)
+    family = get_family(cfg.family)
+    m = cfg.measure
+    train = load_task_tensors(storage, task, "train", cfg.image_size)
+    test = _subset(load_task_tensors(storage, task, "test", cfg.image_size), m.test_images, cfg.seed + 1)
+    model = family.build(train.num_classes)
+    model.load_state_dict(_load_state(storage, supernet_rel))
+    bn = list(iter_batches(train, m.bn_batch_size, shuffle=True, seed=cfg.seed, drop_last=True))[: m.bn_batches]
+    test_batches = list(iter_batches(test, 256))
+    probe = probe_batch(m.probe_size, cfg.image_size, m.probe_seed)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for arch in archs:
+        meas = measure_subnet(model, arch, bn, test_batches, cfg.image_size, probe)
+        rows.append(
+            ZooRow(
+                model_id=model_id(family.name, task, arch),
+                task=task,
+                family=family.name,
+                ks=list(arch.ks),
+                e=list(arch.e),
+                d=list(arch.d),
+                accuracy=float(meas.accuracy),
+                n_params=int(meas.n_params),
+                flops=int(meas.flops),
+                f_emb=[float(x) for x in meas.f_emb],
+                supernet_uri=storage.uri_of(supernet_rel),
+                image_size=cfg.image_size,
+                created_at=created,
+            ).__dict__
+        )
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    return {"task": task, "rows": rows, "node_id": node, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
+
+
+def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str]) -> list[dict]:
+    """Fine-tune and measure ``tasks`` on Ray; write each task's part when it completes.
+
+    Returns one record per work item (task, node id, pid, seconds) for the job's results.
+    """
+    from tqdm import tqdm
+
+    from tans.subnets import sample_archs
+    from tans.supernets import get_family
+
+    family = get_family(cfg.family)
+    archs = sample_archs(family, cfg.measure.subnets_per_task, cfg.measure.seed)
+    chunk = max(1, -(-len(archs) // max(1, _items_per_task(cfg))))
+    ft = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.finetune.gpus_per_task, max_retries=2)(finetune_task)
+    ms = ray.remote(num_cpus=cfg.measure.cpus_per_item, max_retries=2)(measure_items)
+    pending: dict = {}
+    left: dict[str, int] = {}
+    for task in tasks:
+        supernet = ft.remote(storage.uri, cfg, base_rel, task)
+        items = [archs[i : i + chunk] for i in range(0, len(archs), chunk)]
+        left[task] = len(items)
+        for part in items:
+            pending[ms.remote(storage.uri, cfg, task, supernet, part)] = task
+    results: dict[str, list[dict]] = {t: [] for t in tasks}
+    records = []
+    bar = tqdm(total=len(tasks), desc="zoo tasks", unit="task", file=sys.stderr, disable=None)
+    t0 = time.perf_counter()
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        task = pending.pop(done[0])
+        out = ray.get(done[0])
+        results[task].extend(out["rows"])
+        records.append({k: out[k] for k in ("task", "node_id", "pid", "seconds")})
+        left[task] -= 1
+        if left[task] == 0:
+            rows = sorted((ZooRow(**r) for r in results.pop(task)), key=lambda r: r.model_id)
+            write_part(storage, cfg.name, task, rows)
+            bar.update(1)
+            finished = bar.n
+            eta = (time.perf_counter() - t0) / finished * (len(tasks) - finished)
+            print(f"[zoo] {task}: {len(rows)} subnets, accuracy {min(r.accuracy for r in rows):.3f}-"
+                  f"{max(r.accuracy for r in rows):.3f} ({finished}/{len(tasks)} tasks, ETA {eta / 60:.1f} min)",
+                  flush=True)
+    bar.close()
+    return records
+
+
+def _items_per_task(cfg: ZooConfig) -> int:
+    # Enough items per task to spread a task over the cluster, few enough that each item's
+    # fixed cost (loading the task and its supernet) stays small next to measuring.
+    return max(1, min(4, cfg.measure.subnets_per_task // 4))
+
+
+def _seeded(seed: int) -> random.Random:
+    return random.Random(seed)
