@@ -204,8 +204,6 @@ def ingest_imagefolder(
         n_ok = int(ok[labels == i].sum())
         if n_ok == 0:
             raise IngestError(f"{src}: class '{c}' has no readable image ({skipped[c]} file(s) could not be decoded)")
-        if n_ok < 2:
-            raise IngestError(f"{src}: class '{c}' has only 1 readable image; need at least 2 to split train/test")
     all_grey = all(d.grey is not None for d in decoded if d.rgb is not None)
     images: dict[str, list[bytes]] = {"train": [], "test": []}
     split_labels: dict[str, list[int]] = {"train": [], "test": []}

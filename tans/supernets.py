@@ -228,11 +228,10 @@ def _model_key(key: str, model_keys: set[str]) -> str:
 def load_initial_weights(model: torch.nn.Module, uri: str) -> dict:
     """Copy weights from ``uri`` (``ofa:<net_id>``, a local path or ``s3://``) into ``model``.
 
-    Every tensor whose (normalised) name and shape match is copied; a classifier of another size
-    is skipped (the task gets a new head). Returns ``{"loaded": n, "skipped": [names],
-    "missing": [model names not in the checkpoint]}``. Raises :class:`SupernetError` (one line)
-    when the file cannot be read, is not a weights-only state dict, nothing matches, or a body
-    tensor has another shape (the checkpoint is for another family).
+    Reads the bytes (``ofa:`` from OFA's release, anything else through
+    :func:`tans.storage.resolve_filesystem`), loads them with ``weights_only=True`` and hands the
+    state dict to :func:`load_state`. Raises :class:`SupernetError` (one line) when the file
+    cannot be fetched or read, or is not a weights-only checkpoint.
     """
     data = _read_checkpoint_bytes(uri)
     try:
@@ -240,8 +239,19 @@ def load_initial_weights(model: torch.nn.Module, uri: str) -> dict:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated, or pickles code
         raise SupernetError(f"{uri}: not a readable weights-only PyTorch checkpoint ({_one_line(err, 120)})") from None
-    state = _state_dict_from(obj, uri)
+    return load_state(model, obj, source=uri)
 
+
+def load_state(model: torch.nn.Module, obj: dict, source: str = "state dict") -> dict:
+    """Copy a state dict (raw or ``{"state_dict": ...}``) into ``model`` where names and shapes match.
+
+    Names are normalised (``module.`` prefixes, OFA's older layer names); a classifier of another
+    size is skipped, so the model keeps its own head for a new number of classes. Returns
+    ``{"loaded": n, "skipped": [checkpoint names], "missing": [model names not loaded]}``.
+    Raises :class:`SupernetError` if nothing matches or a body tensor has another shape (the
+    checkpoint belongs to another family).
+    """
+    state = _state_dict_from(obj, source)
     net = unwrap(model)
     target = net.state_dict()
     keys = set(target)
@@ -259,11 +269,11 @@ def load_initial_weights(model: torch.nn.Module, uri: str) -> dict:
     if wrong:
         first = wrong[0]
         raise SupernetError(
-            f"{uri}: {len(wrong)} tensors have another shape than this supernet's (e.g. {first}: "
+            f"{source}: {len(wrong)} tensors have another shape than this supernet's (e.g. {first}: "
             f"{tuple(_checkpoint_shape(state, first, keys))} vs {tuple(target[first].shape)}); is it for another family?"
         )
     if not loaded:
-        raise SupernetError(f"{uri}: no tensor in the checkpoint matches this supernet (is it an OFA-MobileNetV3?)")
+        raise SupernetError(f"{source}: no tensor matches this supernet (is it an OFA-MobileNetV3 checkpoint?)")
     return {"loaded": len(loaded), "skipped": skipped, "missing": sorted(keys - set(loaded))}
 
 

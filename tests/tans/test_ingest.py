@@ -146,3 +146,24 @@ def test_cli_config_errors_exit_2(tmp_path):
     assert proc.returncode == 2 and "test_fraction" in proc.stderr
     proc = run_cli("data", "ingest", str(src), "--name", "../evil")
     assert proc.returncode == 1 and "invalid task name" in proc.stderr
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(120)
+def test_imagefolder_from_s3_into_an_s3_root(tmp_path, s3_env):
+    """SRC on S3 and the storage root on S3: the same task as from a local folder."""
+    src = make_imagefolder(tmp_path / "src", {"a": 5, "b": 6})
+    bucket = s3_env.make_bucket("ingest-src")
+    for path in sorted(src.rglob("*.png")):
+        s3_env.client.upload_file(str(path), bucket, f"folder/{path.relative_to(src)}")
+    s3_env.make_bucket("ingest-root")
+    remote = Storage("s3://ingest-root/tans")
+    ingest_imagefolder(remote, f"s3://{bucket}/folder", "from_s3", image_size=16)
+    local = Storage(str(tmp_path / "root"))
+    ingest_imagefolder(local, str(src), "from_s3", image_size=16)
+    assert read_task_info(remote, "from_s3").classes == ["a", "b"]
+    for split in ("train", "test"):
+        assert read_split(remote, "from_s3", split).equals(read_split(local, "from_s3", split))
+    with pytest.raises(IngestError, match="no such directory"):
+        ingest_imagefolder(remote, f"s3://{bucket}/missing", "x")
+    assert not remote.exists("tasks/x")
