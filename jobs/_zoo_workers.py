@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import random
 import sys
 import time
 from datetime import datetime, timezone
@@ -157,7 +156,7 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
             rows = sorted((ZooRow(**r) for r in results.pop(task)), key=lambda r: r.model_id)
             write_part(storage, cfg.name, task, rows)
             bar.update(1)
-            finished = bar.n
+            finished = len(tasks) - len(left_tasks(left))
             eta = (time.perf_counter() - t0) / finished * (len(tasks) - finished)
             print(f"[zoo] {task}: {len(rows)} subnets, accuracy {min(r.accuracy for r in rows):.3f}-"
                   f"{max(r.accuracy for r in rows):.3f} ({finished}/{len(tasks)} tasks, ETA {eta / 60:.1f} min)",
@@ -166,11 +165,12 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     return records
 
 
+def left_tasks(left: dict[str, int]) -> list[str]:
+    return [t for t, n in left.items() if n > 0]
+
+
 def _items_per_task(cfg: ZooConfig) -> int:
     # Enough items per task to spread a task over the cluster, few enough that each item's
     # fixed cost (loading the task and its supernet) stays small next to measuring.
     return max(1, min(4, cfg.measure.subnets_per_task // 4))
 
-
-def _seeded(seed: int) -> random.Random:
-    return random.Random(seed)

@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import os
-import random
 import sys
 import tempfile
 import threading
@@ -115,14 +114,13 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from tans.elastic import cosine_lr, make_optimizer, sandwich_step, unwrap
-    from tans.supernets import get_family
+    from tans.elastic import make_optimizer, train_supernet
+    from tans.supernets import get_family, unwrap
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    storage = Storage(config["root"])
     layout: PooledLayout = config["layout"]
-    data = load_pooled(storage, layout, config["image_size"], config["seed"])
+    data = load_pooled(Storage(config["root"]), layout, config["image_size"], config["seed"])
     family = get_family(config["family"])
     torch.manual_seed(config["seed"])
     model = family.build(layout.num_classes)
@@ -141,49 +139,42 @@ def train_loop(config: dict) -> None:
 
     model = prepare_ddp(model)
     device = ray.train.torch.get_device()
+    # Made after prepare_ddp, so a restored momentum buffer lands on the parameters' device.
     optimizer = make_optimizer(unwrap(model), config["lr"], config["momentum"], config["weight_decay"])
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
 
-    per_worker = config["batch_per_worker"]
-    steps_per_epoch = (len(data) // world) // per_worker  # equal on every rank: DDP needs lock-step
-    epochs, step = config["epochs"], state["step"]
-    total_steps = epochs * steps_per_epoch
-    writer = _tb_writer(config, rank, purge_step=step or None)
-    progress = config["progress"]
-    trace = config["trace_dir"]
+    batch = config["batch_per_worker"]
+    per_epoch = (len(data) // world) // batch  # the same on every rank: DDP steps in lock-step
+    epochs = config["epochs"]
+    writer = _tb_writer(config, rank, purge_step=state["step"] or None)
+    trace, fail_at = config["trace_dir"], config["fail_at_epoch"]
+    epoch_losses: list[float] = []
+    clock = {"t0": time.perf_counter(), "lr": 0.0}
 
-    for epoch in range(state["epochs_done"], epochs):
-        if rank == 0 and trace:
+    def log(step: int, info: dict) -> None:
+        epoch = info["epoch"]
+        if rank == 0 and trace and not epoch_losses:
             with open(os.path.join(trace, "epochs.txt"), "a") as f:
                 f.write(f"{epoch}\n")
-        # Same seed on every rank: all ranks must sample the same subnets in a step.
-        rng = random.Random(config["seed"] * 1_000_003 + epoch)
-        model.train()
-        t0, loss_sum = time.perf_counter(), 0.0
-        batches = iter_batches(data, per_worker, True, config["seed"], epoch, rank, world, drop_last=True)
-        for i, (images, labels) in zip(range(steps_per_epoch), batches):
-            if rank == 0 and config["fail_at_epoch"] == epoch and i == steps_per_epoch // 2:
-                _fail_once(trace)
-            lr = cosine_lr(step, total_steps, config["lr"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images, labels = images.to(device), labels.to(device)
-            loss = sandwich_step(model, images, labels, optimizer, family, rng, config["random_subnets"])
-            loss_sum += loss
-            step += 1
-            if writer is not None:
-                writer.add_scalar("train/loss", loss, step)
-                writer.add_scalar("train/lr", lr, step)
-        seconds = time.perf_counter() - t0
-        mean_loss = _global_mean(loss_sum / max(steps_per_epoch, 1), world, device)
-        throughput = steps_per_epoch * per_worker * world / seconds
-        metrics = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "images_per_s": throughput,
-                   "epoch_s": seconds}
+        epoch_losses.append(info["loss"])
+        clock["lr"] = info["lr"]
+        if writer is not None:
+            writer.add_scalar("train/loss", info["loss"], step)
+            writer.add_scalar("train/lr", info["lr"], step)
+        if rank == 0 and epoch == fail_at and len(epoch_losses) == max(1, per_epoch // 2):
+            _fail_once(trace)
+
+    def on_epoch_end(epoch: int, step: int) -> None:
+        nonlocal state
+        seconds = time.perf_counter() - clock["t0"]
+        loss = _global_mean(sum(epoch_losses) / max(len(epoch_losses), 1), world, device)
+        metrics = {"epoch": epoch, "step": step, "loss": loss, "lr": clock["lr"], "epoch_s": seconds,
+                   "images_per_s": len(epoch_losses) * batch * world / seconds}
         state = {"epochs_done": epoch + 1, "epoch": epoch, "step": step, "history": [*state["history"], metrics]}
         if writer is not None:
-            writer.add_scalar("epoch/loss", mean_loss, epoch)
-            writer.add_scalar("epoch/images_per_s", throughput, epoch)
+            writer.add_scalar("epoch/loss", loss, epoch)
+            writer.add_scalar("epoch/images_per_s", metrics["images_per_s"], epoch)
             writer.flush()
             _upload_tb(config, writer)
         with tempfile.TemporaryDirectory() as tmp:
@@ -195,8 +186,15 @@ def train_loop(config: dict) -> None:
                     json.dump(state, f)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-        if rank == 0 and progress is not None:
-            progress.put({**metrics, "eta_s": seconds * (epochs - epoch - 1), "epochs": epochs})
+        if rank == 0 and config["progress"] is not None:
+            config["progress"].put({**metrics, "eta_s": seconds * (epochs - epoch - 1), "epochs": epochs})
+        epoch_losses.clear()
+        clock["t0"] = time.perf_counter()
+
+    # Resumes at the step after the last finished epoch: those epochs are never run again.
+    train_supernet(model, data, family, steps=epochs * per_epoch, batch_size=batch, lr=config["lr"],
+                   seed=config["seed"], random_subnets=config["random_subnets"], rank=rank, world_size=world,
+                   start_step=state["step"], on_epoch_end=on_epoch_end, log=log, optimizer=optimizer)
     if writer is not None:
         writer.close()
         _upload_tb(config, writer)

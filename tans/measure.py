@@ -66,6 +66,13 @@ def count_params(model: nn.Module, arch: Arch) -> int:
     return _COUNT_CACHE[key]
 
 
+def flops_of(module: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of ``module(x)`` as ``FlopCounterMode`` counts them (2 per multiply-add), no grad."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(x)
+    return int(counter.get_total_flops())
+
+
 def count_flops(model: nn.Module, arch: Arch, image_size: int) -> int:
     """FLOPs (2 per multiply-add) of one ``image_size`` image through ``arch`` without the head."""
     net = unwrap(model)
@@ -73,9 +80,9 @@ def count_flops(model: nn.Module, arch: Arch, image_size: int) -> int:
     if key not in _COUNT_CACHE:
         sub = _headless_subnet(net, arch)
         x = torch.zeros(1, 3, image_size, image_size, device=next(sub.parameters()).device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            sub(x)
-        _COUNT_CACHE[key] = int(counter.get_total_flops())
+        # Counted on the exported static subnet: on the supernet, OFA's kernel transforms
+        # (7x7 -> 5x5 -> 3x3 matmuls on the weights) would be counted as if they were inference.
+        _COUNT_CACHE[key] = flops_of(sub, x)
     set_arch(net, arch)
     return _COUNT_CACHE[key]
 

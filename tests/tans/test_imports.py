@@ -34,7 +34,7 @@ def test_cli_help_and_planned_commands():
 
     ok = run_cli("--help")
     assert ok.returncode == 0 and "data" in ok.stdout and "demo" in ok.stdout
-    planned = run_cli("build-zoo")
+    planned = run_cli("train-space")
     assert planned.returncode == 2 and "not implemented yet" in planned.stderr
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr
