@@ -39,6 +39,7 @@ from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.reader import TaskTensors, decode_images, iter_batches
 from tans.storage import Storage
 from tans.tasks import read_split, read_task_info
+from tans.zoo import ZooError
 
 RUN_NAME = "pretrain"  # fixed, so a re-run finds (and resumes) the same Ray Train run
 # Test hooks (read by the driver, handed to the workers): rank 0 appends every epoch it starts
@@ -272,8 +273,11 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
     model_rel, done_rel = f"{base}/model.pt", f"{base}/done.json"
     if storage.is_file(done_rel) and not cfg.force:
         done = storage.read_json(done_rel)
-        if done.get("tasks") != list(tasks):
-            print(f"[pretrain] note: the finished base was trained on other tasks; reusing it (force=true retrains)")
+        # Other epochs or lr: finished is finished. Another body, input size or head: not the same base.
+        for key, want in (("family", cfg.family), ("image_size", cfg.image_size), ("tasks", list(tasks))):
+            if done.get(key) != want:
+                raise ZooError(f"the base supernet of zoo {cfg.name!r} was trained with {key}={done.get(key)!r}, "
+                               f"not {want!r}: pick another zoo name or use --force")
         print(f"[pretrain] reusing the finished base supernet {storage.uri_of(model_rel)}")
         return model_rel
 
@@ -287,15 +291,17 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
     if (pooled // p.num_workers) // batch_per_worker < 1:
         raise ConfigError(
             f"pretrain.batch_size: {pooled} pooled images make no full batch of {batch_per_worker} per worker "
-            f"on {p.num_workers} workers (lower batch_size or raise images_per_task)"
+            f"on {p.num_workers} worker(s) (lower batch_size or raise images_per_task)"
         )
     init_state = _initial_state(family, layout.num_classes, p.init)
 
     if cfg.force:
         storage.delete(done_rel)  # the old base stops being "finished" first
         storage.delete(base)
+    # What the weights depend on; a leftover run with other settings cannot be resumed.
+    settings = {k: v for k, v in to_dict(p).items() if k != "max_failures"}
     fingerprint = {"family": cfg.family, "image_size": cfg.image_size, "seed": cfg.seed, "tasks": list(tasks),
-                   "pretrain": to_dict(p)}
+                   "pretrain": settings}
     run_rel = f"{base}/run.json"
     if storage.is_file(run_rel) and storage.read_json(run_rel) != fingerprint:
         print("[pretrain] an unfinished run with other settings exists: starting over")

@@ -21,7 +21,7 @@ from torch import nn
 
 from tans.reader import TaskTensors, iter_batches
 from tans.subnets import largest, random_arch, set_arch, smallest
-from tans.supernets import SupernetFamily, load_state, new_head, unwrap
+from tans.supernets import SupernetFamily, load_state, unwrap
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 3e-5) -> torch.optim.SGD:
@@ -104,7 +104,8 @@ def train_supernet(
     optimizer state of that step) sees exactly the batches the uninterrupted run would have.
     The learning rate follows :func:`cosine_lr` over ``steps``. ``on_epoch_end(epoch, step)``
     runs after every full epoch and once more if the last step falls inside an epoch (for
-    checkpoints); ``log(step, {"loss", "lr", "epoch"})`` after every step (for curves).
+    checkpoints); ``log(step, {"loss", "lr", "epoch"})`` after every step, ``step`` counting the
+    steps done (for curves). Pass ``optimizer`` to resume with a restored optimizer state.
     Returns ``{"losses": [per step run here], "steps": steps done in total}``.
     """
     per_epoch = (len(data) // world_size) // batch_size
@@ -122,10 +123,12 @@ def train_supernet(
         for i, (images, labels) in enumerate(iter_batches(
             data, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=rank, world_size=world_size, drop_last=True
         )):
+            # Ranks' shards differ by at most one image: cap each epoch at the common length,
+            # or one DDP rank would wait forever for the others' extra step.
+            if i >= per_epoch or step >= steps:
+                break
             if i < skip:
                 continue
-            if step >= steps:
-                break
             current_lr = cosine_lr(step, steps, lr)
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
@@ -153,17 +156,21 @@ def finetune_for_task(
     lr: float,
     seed: int,
     random_subnets: int = 1,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict]:
     """Fine-tune the base supernet on one task: same body, a new ``num_classes`` head.
 
     ``base_state`` is the base supernet's state dict (its head may have any size; see
     :func:`tans.supernets.load_state`). Returns the trained supernet (set to its largest arch)
-    and ``{"losses", "steps", "loaded"}`` (``loaded``: tensors copied from ``base_state``).
+    and ``{"losses", "steps", "loaded"}`` (``loaded``: body tensors copied from ``base_state``).
     """
-    torch.manual_seed(seed)  # the new head's initialisation
-    model = family.build(num_classes)
-    loaded = load_state(model, base_state, source="base supernet")["loaded"]
-    new_head(model, num_classes)  # whatever the base head's size: a fresh head per task
+    state = base_state["state_dict"] if isinstance(base_state.get("state_dict"), dict) else base_state
+    body = {k: v for k, v in state.items() if not k.removeprefix("module.").startswith("classifier.")}
+    with torch.random.fork_rng(devices=[]):  # seeds the new head without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = family.build(num_classes)  # a fresh head, whatever the base head's size
+    loaded = load_state(model, body, source="base supernet")["loaded"]
+    model.to(device)
     result = train_supernet(model, data, family, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                             random_subnets=random_subnets)
     return model, {**result, "loaded": loaded}

@@ -183,6 +183,9 @@ def _download_ofa(net_id: str) -> bytes:
 def _read_checkpoint_bytes(uri: str) -> bytes:
     if uri.startswith("ofa:"):
         net_id = uri[len("ofa:"):]
+        known = sorted(f.ofa_net_id for f in _FAMILIES.values() if f.ofa_net_id)
+        if net_id not in known:
+            raise SupernetError(f"unknown OFA net id {net_id!r} (these fit a family: {', '.join(known)})")
         try:
             return _download_ofa(net_id)
         except Exception as err:  # noqa: BLE001 - any network failure ends in the same advice

@@ -146,3 +146,15 @@ def test_finetune_for_task_with_another_number_of_classes():
 def test_train_supernet_rejects_a_task_smaller_than_a_batch():
     with pytest.raises(ValueError, match="lower batch_size"):
         train_supernet(TINY.build(4), colour_noise_task(10), TINY, steps=1, batch_size=8, lr=0.1, seed=0, world_size=2)
+
+
+@pytest.mark.timeout(30)
+def test_uneven_shards_take_the_same_number_of_steps_per_epoch():
+    data = colour_noise_task(15)  # rank 0 holds 8 images (2 batches of 4), rank 1 holds 7 (1 batch)
+    steps = {}
+    for rank in (0, 1):
+        epochs = []
+        train_supernet(TINY.build(4), data, TINY, steps=5, batch_size=4, lr=0.01, seed=0, rank=rank, world_size=2,
+                       on_epoch_end=lambda epoch, step: epochs.append((epoch, step)))
+        steps[rank] = epochs
+    assert steps[0] == steps[1] == [(epoch, epoch + 1) for epoch in range(5)]

@@ -152,6 +152,8 @@ def test_ofa_download_failure_is_one_line(monkeypatch, tmp_path):
     assert msg.startswith("could not download ofa:ofa_mbv3_d234_e346_k357_w1.0 (") and "\n" not in msg
     assert "pass its path or s3:// URI instead" in msg
     assert not (tmp_path / "torch" / "ofa_nets" / "ofa_mbv3_d234_e346_k357_w1.0").exists()  # no half file
+    with pytest.raises(SupernetError, match="unknown OFA net id 'ofa_mbv3_typo'"):
+        load_initial_weights(model, "ofa:ofa_mbv3_typo")
 
 
 @pytest.mark.timeout(30)
@@ -166,8 +168,8 @@ def test_ofa_weights_load_through_the_cache(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(supernets, "_download_ofa", lambda net_id: calls.append(net_id) or path.read_bytes())
     dst = fam.build(10)
-    report = load_initial_weights(dst, "ofa:some_net")
-    assert calls == ["some_net"] and report["loaded"] == len(state) - 2
+    report = load_initial_weights(dst, "ofa:ofa_mbv3_d234_e346_k357_w1.2")
+    assert calls == ["ofa_mbv3_d234_e346_k357_w1.2"] and report["loaded"] == len(state) - 2
     assert torch.equal(dst.final_expand_layer.conv.weight, src.final_expand_layer.conv.weight)
 
 
