@@ -36,7 +36,7 @@ import torch
 from jobs._common import run_main, split_overrides
 from tans.config import ConfigError, to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
-from tans.reader import TaskTensors, decode_images, iter_batches
+from tans.reader import TaskTensors, decode_images
 from tans.storage import Storage
 from tans.tasks import read_split, read_task_info
 from tans.zoo import ZooError
@@ -131,8 +131,9 @@ def train_loop(config: dict) -> None:
     optimizer_state = None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(os.path.join(d, "model.pt"), weights_only=True))
-            optimizer_state = torch.load(os.path.join(d, "optimizer.pt"), weights_only=True)
+            model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True))
+            # (load_state_dict moves the momentum buffers to the parameters' device)
+            optimizer_state = torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=True)
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
     elif config["init_ref"] is not None:
@@ -181,7 +182,9 @@ def train_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save(unwrap(model).state_dict(), os.path.join(tmp, "model.pt"))
+                # CPU tensors: the driver (and the zoo's workers) may have no GPU.
+                cpu_state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+                torch.save(cpu_state, os.path.join(tmp, "model.pt"))
                 torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
                 with open(os.path.join(tmp, "state.json"), "w") as f:
                     json.dump(state, f)
@@ -338,7 +341,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
     if result.checkpoint is None:
         raise RuntimeError(f"pretraining of {cfg.name!r} ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        state_dict = torch.load(os.path.join(d, "model.pt"), weights_only=True)
+        state_dict = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
         with open(os.path.join(d, "state.json")) as f:
             state = json.load(f)
     buf = io.BytesIO()

@@ -88,7 +88,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point())
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 def test_ddp_averages_gradients_across_two_workers(ray_local, corpus, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -132,7 +132,7 @@ def test_ddp_averages_gradients_across_two_workers(ray_local, corpus, tmp_path):
 # -- (b) failure, resume, reuse ---------------------------------------------------------------
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 def test_worker_failure_resumes_from_last_epoch_and_result_is_reused(ray_local, corpus, tmp_path, monkeypatch):
     from jobs.pretrain_supernet import FAIL_AT_EPOCH_ENV, TRACE_DIR_ENV, pretrain_base
 
