@@ -46,6 +46,11 @@ def _subset(data, n: int, seed: int):
     return TaskTensors(data.images[idx], data.labels[idx], data.num_classes)
 
 
+def _device(gpus: float) -> torch.device:
+    """The GPU when this work item was given a share of one, else the CPU."""
+    return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+
+
 def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str) -> str:
     """Fine-tune the base supernet on ``task`` (new head); save it; return its relative path."""
     from tans.elastic import finetune_for_task
@@ -59,7 +64,7 @@ def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str) ->
     torch.set_num_threads(max(1, int(cfg.finetune.cpus_per_task)))
     family = get_family(cfg.family)
     data = _subset(load_task_tensors(storage, task, "train", cfg.image_size), cfg.finetune.images_per_task, cfg.seed)
-    model, _metrics = finetune_for_task(
+    model, metrics = finetune_for_task(
         _load_state(storage, base_rel),
         family,
         data.num_classes,
@@ -69,9 +74,27 @@ def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str) ->
         lr=cfg.finetune.lr,
         seed=cfg.seed,
         random_subnets=cfg.finetune.random_subnets,
+        device=_device(cfg.finetune.gpus_per_task),
     )
-    _save_state(storage, rel, model.state_dict())
+    _write_curve(storage, f"supernets/{cfg.name}/tasks/{task}/tb", "finetune/loss", metrics["losses"])
+    _save_state(storage, rel, {k: v.cpu() for k, v in model.state_dict().items()})
     return rel
+
+
+def _write_curve(storage: Storage, rel_dir: str, tag: str, values: list[float]) -> None:
+    """A TensorBoard event file of one curve, written locally then copied into the root."""
+    import tempfile
+
+    from tensorboardX import SummaryWriter
+
+    with tempfile.TemporaryDirectory(prefix="tans-tb-") as tmp:
+        writer = SummaryWriter(logdir=tmp)
+        for step, value in enumerate(values, start=1):
+            writer.add_scalar(tag, value, step)
+        writer.close()
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(f"{rel_dir}/{name}", f.read())
 
 
 def measure_items(storage_uri: str, cfg: ZooConfig, task: str, supernet_rel: str, archs: list) -> dict:
@@ -88,11 +111,13 @@ def measure_items(storage_uri: str, cfg: ZooConfig, task: str, supernet_rel: str
     m = cfg.measure
     train = load_task_tensors(storage, task, "train", cfg.image_size)
     test = _subset(load_task_tensors(storage, task, "test", cfg.image_size), m.test_images, cfg.seed + 1)
+    device = _device(m.gpus_per_item)
     model = family.build(train.num_classes)
     model.load_state_dict(_load_state(storage, supernet_rel))
-    bn = list(iter_batches(train, m.bn_batch_size, shuffle=True, seed=cfg.seed, drop_last=True))[: m.bn_batches]
-    test_batches = list(iter_batches(test, 256))
-    probe = probe_batch(m.probe_size, cfg.image_size, m.probe_seed)
+    model.to(device)
+    bn = [x.to(device) for x, _ in list(iter_batches(train, m.bn_batch_size, shuffle=True, seed=cfg.seed, drop_last=True))[: m.bn_batches]]
+    test_batches = [(x.to(device), y.to(device)) for x, y in iter_batches(test, 256)]
+    probe = probe_batch(m.probe_size, cfg.image_size, m.probe_seed).to(device)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = []
     for arch in archs:
@@ -132,7 +157,7 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     archs = sample_archs(family, cfg.measure.subnets_per_task, cfg.measure.seed)
     chunk = max(1, -(-len(archs) // max(1, _items_per_task(cfg))))
     ft = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.finetune.gpus_per_task, max_retries=2)(finetune_task)
-    ms = ray.remote(num_cpus=cfg.measure.cpus_per_item, max_retries=2)(measure_items)
+    ms = ray.remote(num_cpus=cfg.measure.cpus_per_item, num_gpus=cfg.measure.gpus_per_item, max_retries=2)(measure_items)
     pending: dict = {}
     left: dict[str, int] = {}
     for task in tasks:

@@ -45,6 +45,7 @@ class DemoConfig:
 
     root: str = ""  # storage root; "" means $TANS_ROOT, else ~/.cache/tans
     splits: str = "configs/splits/default.yaml"  # which tasks play which role
+    zoo: str = "configs/zoo/local.yaml"  # the zoo config the demo builds ("" skips the zoo stage)
     data: IngestConfig = field(default_factory=IngestConfig)
 
 
@@ -119,6 +120,7 @@ class MeasureConfig:
     probe_size: int = 16  # Gaussian probe batch for the functional embedding
     probe_seed: int = 0
     cpus_per_item: float = 1.0
+    gpus_per_item: float = 0.0
 
 
 @dataclass

@@ -160,7 +160,7 @@ def evaluate(model: nn.Module, arch: Arch, batches: Iterable[tuple[torch.Tensor,
         with torch.no_grad():
             for images, labels in batches:
                 pred = net(images.to(device)).argmax(dim=1)
-                correct += int((pred.cpu() == labels).sum())
+                correct += int((pred == labels.to(pred.device)).sum())
                 total += int(labels.shape[0])
     finally:
         net.train(was_training)

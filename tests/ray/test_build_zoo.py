@@ -61,6 +61,10 @@ def test_tiny_zoo_has_signal(built):
     build = json.loads((root / "zoo" / ZOO / "build.json").read_text())
     assert {i["task"] for i in build["items"]} == set(manifest.tasks)
     assert "zoo tiny" in proc.stdout or ZOO in proc.stdout
+    # training curves for TensorBoard: base pretraining and every task's fine-tune
+    assert list((root / "supernets" / ZOO / "base" / "tb").rglob("events.out.tfevents.*"))
+    for task in manifest.tasks:
+        assert list((root / "supernets" / ZOO / "tasks" / task / "tb").glob("events.out.tfevents.*")), task
 
 
 @pytest.mark.timeout(1200)
