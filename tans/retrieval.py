@@ -175,5 +175,7 @@ class Retriever:
         ]
         note = ""
         if len(candidates) < k:
-            note = f"asked for {k} models but only {len(candidates)} of {len(self)} satisfy the constraints; returning those"
-        return RetrievalResult(candidates, requested_k=k, returned_k=len(candidates), note=note, constraints=constraints)
+            note = (f"asked for {k} models but only {len(candidates)} of {len(self)} satisfy the constraints; "
+                    "returning those")
+        return RetrievalResult(candidates, requested_k=k, returned_k=len(candidates), note=note,
+                               constraints=constraints)

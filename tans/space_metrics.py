@@ -51,7 +51,9 @@ def rank_summary(ranks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     return out
 
 
-def retrieval_metrics(scores, index_tasks, index_accuracy, val_tasks, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def retrieval_metrics(
+    scores, index_tasks, index_accuracy, val_tasks, ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
     """R@k, mean_rank, median_rank of the val tasks' best models (see ``ranks_of_best``)."""
     return rank_summary(ranks_of_best(scores, index_tasks, index_accuracy, val_tasks), ks)
 

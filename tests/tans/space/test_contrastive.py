@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def test_zero_exactly_at_a_gap_larger_than_margin_and_positive_below_it():
     # q = e1, e2; m0 = (cos a, sin a), m1 = (sin a, cos a): s_ii = cos a, s_ij = sin a
     for gap, expected in [(0.25, 0.0), (0.1, 2 * (MARGIN - 0.1))]:
         # pick a with cos a - sin a = gap
-        a = torch.asin(torch.tensor(1.0 / 2**0.5, dtype=torch.float64)) - torch.asin(torch.tensor(gap / 2**0.5, dtype=torch.float64))
+        a = torch.tensor(math.pi / 4 - math.asin(gap / 2**0.5), dtype=torch.float64)
         m = torch.stack([torch.stack([a.cos(), a.sin()]), torch.stack([a.sin(), a.cos()])])
         q = torch.eye(2, dtype=torch.float64)
         assert float(contrastive_loss(q, m)) == pytest.approx(expected, abs=1e-9)
@@ -74,3 +76,12 @@ def test_predictor_and_space_loss():
     total, parts = space_loss(q, m, pred, true, lam=2.0)
     assert float(total) == pytest.approx(0.8 + 2 * mse, rel=1e-5)
     assert parts["contrastive"] == pytest.approx(0.8, rel=1e-5) and parts["mse"] == pytest.approx(mse, rel=1e-5)
+
+
+@pytest.mark.timeout(20)
+def test_extra_negatives_join_the_query_to_model_side_only():
+    q = torch.eye(2, dtype=torch.float64)
+    m = torch.eye(2, dtype=torch.float64)  # S = I: zero loss on its own
+    n = _m([[0.28, 0.96]])  # s(q0, n) = .28 -> .2 - 1 + .28 < 0; s(q1, n) = .96 -> .2 - 1 + .96 = .16
+    assert float(contrastive_loss(q, m, extra_negatives=n)) == pytest.approx(0.16 / 2, abs=1e-9)
+    assert float(contrastive_loss(q, m, extra_negatives=n[:0])) == 0.0

@@ -23,10 +23,10 @@ from tans.retrieval import Retriever
 from tans.space_metrics import space_metrics
 
 FAMILY = ((3, 5, 7), (3, 4, 6), (2, 3, 4), 8)  # (ks, e, d choices, f_emb size)
-FEATURE_DIM, LATENT, N_TASKS, N_MODELS, N_CLASSES, PER_CLASS = 16, 3, 12, 6, 4, 5
+FEATURE_DIM, LATENT, N_TASKS, N_MODELS, N_CLASSES, PER_CLASS = 16, 3, 16, 6, 4, 5
 SEED = 0
-VAL_TASKS = (3, 8)
-STEPS, LR = 400, 3e-3
+VAL_TASKS = (5, 10)  # interior points of the lattice: train tasks on every side
+STEPS, LR = 600, 2e-3  # 6 of 6 data/init seeds reach R@1 = 1 with these
 # (ks, e, d) of model j, uniform over the slots; model 0 is the largest, accuracy falls with j
 ARCHS = [(7, 6, 4), (7, 4, 4), (5, 6, 3), (5, 4, 3), (3, 4, 2), (3, 3, 2)]
 
@@ -65,7 +65,8 @@ def _query(z_t, P, gen):
     """Fresh images of one task: class means P z_t * 2 + class offsets, plus image noise."""
     offsets = torch.randn(N_CLASSES, FEATURE_DIM, generator=gen) * 0.2
     centre = torch.tensor(P @ z_t * 2.0, dtype=torch.float32)
-    x = centre + offsets.repeat_interleave(PER_CLASS, 0) + torch.randn(N_CLASSES * PER_CLASS, FEATURE_DIM, generator=gen) * 0.3
+    noise = torch.randn(N_CLASSES * PER_CLASS, FEATURE_DIM, generator=gen) * 0.3
+    x = centre + offsets.repeat_interleave(PER_CLASS, 0) + noise
     return x, torch.arange(N_CLASSES).repeat_interleave(PER_CLASS)
 
 
@@ -95,7 +96,7 @@ def test_tiny_space_generalises_to_held_out_tasks():
         acc_hat = pred(q[task_pos], m_all)
         # the train tasks' weaker models are extra negatives: a task's best model must beat them too
         weaker = m_all[~torch.isin(train_rows, best)]
-        loss, parts = space_loss(q, m_pos, acc_hat, zoo["acc"][train_rows], lam=1.0, extra_negatives=weaker)
+        loss, _ = space_loss(q, m_pos, acc_hat, zoo["acc"][train_rows], lam=1.0, extra_negatives=weaker)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -113,6 +114,7 @@ def test_tiny_space_generalises_to_held_out_tasks():
     assert m["R@1"] == 1.0, m
     assert m["R@1"] > m["baselines"]["random"]["R@1"] and m["mean_rank"] < m["baselines"]["random"]["mean_rank"]
     assert m["kendall_tau"] > 0.5 and m["rmse"] < 0.15, m
+    assert m["kendall_tau"] > m["baselines"]["size"]["kendall_tau"]  # n_params is random here
 
     # the same trained parts behind a Retriever: the val task's best model comes back first
     names = [f"t{int(t)}-m{i % N_MODELS}" for i, t in enumerate(tasks)]

@@ -68,15 +68,16 @@ def test_topk_cosine_equals_brute_force_sort():
 def _retriever(n=60, seed=0):
     torch.manual_seed(seed)
     fam = ((3, 5, 7), (3, 4, 6), (2, 3, 4), 8)
-    menc, qenc, pred = ModelEncoder(fam, 16, 32).eval(), QueryEncoder(6, 16, 32).eval(), PerformancePredictor(16, 32)
+    menc, qenc = ModelEncoder(fam, 16, 32).eval(), QueryEncoder(6, 16, 32).eval()
+    pred = PerformancePredictor(16, 32)
     n_params, flops, families = _index(n, seed)
     ks = torch.full((n, 20), 5)
     e = torch.full((n, 20), 4)
     d = torch.full((n, 5), 4)
     with torch.no_grad():
         emb = menc(ks, e, d, torch.randn(n, 8))
-    r = Retriever([f"m{i}" for i in range(n)], [f"t{i % 6}" for i in range(n)], n_params, flops, families, emb, qenc, pred)
-    return r
+    names, tasks = [f"m{i}" for i in range(n)], [f"t{i % 6}" for i in range(n)]
+    return Retriever(names, tasks, n_params, flops, families, emb, qenc, pred)
 
 
 @pytest.mark.timeout(60)
