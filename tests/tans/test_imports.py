@@ -17,6 +17,15 @@ CORE_MODULES = [
     "tans.job_configs",
     "tans.builtin.catalog",
     "tans.cli",
+    "tans.supernets",
+    "tans.subnets",
+    "tans.measure",
+    "tans.elastic",
+    "tans.zoo",
+    "tans.encoders",
+    "tans.contrastive",
+    "tans.retrieval",
+    "tans.space_metrics",
 ]
 
 
