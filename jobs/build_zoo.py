@@ -18,18 +18,16 @@ model ids and measurements. `tans build-zoo` runs exactly this.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
-from dataclasses import asdict
 from datetime import datetime, timezone
 
 from jobs._common import run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.storage import Storage
-from tans.tasks import TaskError, read_task_info, task_exists
-from tans.zoo import ZooError, ZooManifest, ZooRow, finished_tasks, format_stats, read_zoo, write_manifest, write_part, zoo_stats
+from tans.tasks import TaskError, task_exists
+from tans.zoo import ZooError, ZooManifest, finished_tasks, format_stats, read_zoo, write_manifest, zoo_stats
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -74,15 +74,18 @@ def ingest(args: argparse.Namespace) -> int:
         return ingest_builtin(storage, args.src, args.name, cfg)
     if not args.name:
         raise IngestError("--name is required for an ImageFolder (the task's name in the storage root)")
-    decode_many = decode_in_process
-    engine = "local"
-    from tans.ingest import list_imagefolder
+    used = {"engine": "local"}
 
-    if list_imagefolder(args.src).num_files >= cfg.ray_min_images:
+    def decode_many(fs, paths, image_size):
+        # Chosen on the listing ingest_imagefolder already made: large inputs decode on Ray Data.
+        if len(paths) < cfg.ray_min_images:
+            return decode_in_process(fs, paths, image_size)
         from tans import runtime
 
         runtime.init_ray()
-        decode_many, engine = runtime.decode_with_ray_data, "ray-data"
+        used["engine"] = "ray-data"
+        return runtime.decode_with_ray_data(fs, paths, image_size)
+
     report = ingest_imagefolder(
         storage,
         args.src,
@@ -93,9 +96,9 @@ def ingest(args: argparse.Namespace) -> int:
         force=cfg.force,
         part_rows=cfg.part_rows,
         decode_many=decode_many,
-        engine=engine,
         config=to_dict(cfg),
     )
+    report.engine = used["engine"]
     print(report.summary())
     print(f"written to {storage.uri_of('tasks/' + args.name)}")
     return 0

@@ -1,4 +1,4 @@
-"""Model-zoo unit tests run torch on one thread.
+"""Library unit tests run torch on one thread.
 
 With two OpenMP threads on two cores, any other busy process (a Ray job, a parallel test run)
 makes every op wait for a descheduled thread: a tiny training step then takes ~10x longer. One
