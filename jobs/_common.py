@@ -19,9 +19,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # Modules that pull in torch define user errors too (unknown family, unreadable checkpoint);
     # count them only once loaded, so light commands never import torch just to catch them.
     extra = []
-    supernets = sys.modules.get("tans.supernets")
-    if supernets is not None and hasattr(supernets, "SupernetError"):
-        extra.append(supernets.SupernetError)
+    for module, name in (("tans.supernets", "SupernetError"), ("tans.encoders", "SpaceError"),
+                         ("tans.features", "ExtractorError")):
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, name):
+            extra.append(getattr(mod, name))
     return USER_ERRORS + tuple(extra)
 
 

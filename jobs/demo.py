@@ -2,10 +2,10 @@
 
     python -m jobs.demo [--config configs/demo/local.yaml] [key=value ...]
 
-Stages that have landed so far: data (materialise every task the splits config names) and
-the model zoo (`tans build-zoo` with the demo's zoo config; a finished zoo is reused). The space
-and search stages are added here as their issues land; until then the demo says which stages
-it ran.
+Stages that have landed so far: data (materialise every task the splits config names), the
+model zoo (`tans build-zoo` with the demo's zoo config) and the cross-modal space
+(`tans train-space` on that zoo); finished stages are reused. The search stage is added here
+when its issue lands; until then the demo says which stages it ran.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tans.job_configs import DemoConfig, load_job_config, load_splits
 from tans.storage import Storage
 from tans.tasks import read_task_info, task_exists
 
-PENDING_STAGES = ["train-space", "search"]
+PENDING_STAGES = ["search"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,7 +69,14 @@ def main(argv: list[str]) -> int:
         code = build_zoo.main(["--config", cfg.zoo, f"root={storage.uri}", f"splits={cfg.splits}"])
         if code:
             return code
-    ran = "data and zoo stages" if cfg.zoo else "data stage"
+    if cfg.zoo and cfg.space:
+        from jobs import train_space
+
+        zoo_name = load_job_config("zoo", cfg.zoo).name
+        code = train_space.main(["--config", cfg.space, f"root={storage.uri}", f"splits={cfg.splits}", f"zoo={zoo_name}"])
+        if code:
+            return code
+    ran = "data, zoo and space stages" if cfg.zoo and cfg.space else "data and zoo stages" if cfg.zoo else "data stage"
     print(f"[demo] ran the {ran}: stages {', '.join(PENDING_STAGES)} have not landed yet "
           "(see the open issues); they will run here once they do.")
     return 0

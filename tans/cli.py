@@ -15,12 +15,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("jobs.data", "list the built-in corpus; ingest an ImageFolder or builtin:<source> as tasks"),
     "build-zoo": ("jobs.build_zoo", "pretrain the base supernet, fine-tune per task, measure subnets -> zoo"),
     "zoo": ("jobs.zoo", "inspect a built zoo: `tans zoo stats [--json]`"),
+    "train-space": ("jobs.train_space", "query features (Ray Data) + the cross-modal space (Ray Train) -> index"),
     "demo": ("jobs.demo", "the whole pipeline end to end on the built-in corpus, on a local Ray"),
 }
 
 # Stages whose issues have not landed yet: say so instead of "unknown command".
 PLANNED = {
-    "train-space": "the cross-modal space stage (issue: cross-modal space)",
     "search": "search and fine-tuning (issue: search)",
     "predict": "batch inference with an exported model (issue: search)",
     "serve": "the online retriever (issue: serving)",

@@ -46,6 +46,7 @@ class DemoConfig:
     root: str = ""  # storage root; "" means $TANS_ROOT, else ~/.cache/tans
     splits: str = "configs/splits/default.yaml"  # which tasks play which role
     zoo: str = "configs/zoo/local.yaml"  # the zoo config the demo builds ("" skips the zoo stage)
+    space: str = "configs/space/local.yaml"  # the space config it trains on that zoo ("" skips it)
     data: IngestConfig = field(default_factory=IngestConfig)
 
 
@@ -149,10 +150,88 @@ class ZooConfig:
             raise ValueError("measure.subnets_per_task must be >= 2 (the largest and the smallest)")
 
 
+@dataclass
+class ExtractorConfig:
+    """The frozen feature extractor that turns images into query features (tans.features)."""
+
+    kind: str = "supernet"  # "supernet": largest subnet of the zoo's base supernet; "resnet18": a checkpoint
+    uri: str = ""  # checkpoint URI; "" for `supernet` means <root>/supernets/<zoo>/base/model.pt
+    name: str = ""  # folder under <root>/queries/; "" derives one (e.g. <zoo>-largest)
+
+    def validate(self) -> None:
+        if self.kind not in ("supernet", "resnet18"):
+            raise ValueError(f"kind must be supernet or resnet18, got {self.kind!r}")
+        if self.kind == "resnet18" and not self.uri:
+            raise ValueError("uri: a resnet18 extractor needs a checkpoint URI (local path or s3://)")
+
+
+@dataclass
+class QueriesConfig:
+    """Query features: N images per class of each task's train split through the extractor (Ray Data)."""
+
+    per_class: int = 20  # images per class stored per task (a step subsamples from these)
+    seed: int = 0
+    concurrency: int = 1  # extractor actors (each holds one copy of the model)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    force: bool = False  # re-extract tasks whose query file exists
+
+    def validate(self) -> None:
+        if self.per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {self.per_class}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+@dataclass
+class SpaceConfig:
+    """``tans train-space``: query features, then the contrastive space (Ray Train), index, metrics."""
+
+    name: str = ""  # the run: <root>/spaces/<name>/
+    root: str = ""
+    zoo: str = ""  # the zoo's name (<root>/zoo/<zoo>/)
+    splits: str = "configs/splits/default.yaml"  # meta_train trains the space, meta_val picks the checkpoint
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    queries: QueriesConfig = field(default_factory=QueriesConfig)
+    embed_dim: int = 128
+    hidden: int = 256
+    attention: bool = False  # attention pooling over classes on top of the mean
+    predictor_hidden: int = 128
+    steps: int = 600
+    tasks_per_step: int = 0  # meta_train tasks per step; 0: all of them
+    per_class: int = 10  # images per class in each step's fresh query subsample
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 1e-4
+    lam: float = 1.0  # weight of the predictor's MSE next to the contrastive loss
+    margin: float = 0.2
+    eval_every: int = 50  # steps between meta-val evaluations (each one a checkpoint)
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    max_failures: int = 1
+    force: bool = False  # retrain even if the run is finished
+
+    def validate(self) -> None:
+        if not self.name:
+            raise ValueError("name: every space run needs a name (e.g. local)")
+        if not self.zoo:
+            raise ValueError("zoo: name the zoo to train on (e.g. local-ofa_mbv3_w1.0-48px)")
+        if self.steps < 1 or self.eval_every < 1:
+            raise ValueError("steps and eval_every must be >= 1")
+        if self.per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {self.per_class}")
+        if self.tasks_per_step == 1 or self.tasks_per_step < 0:
+            raise ValueError("tasks_per_step must be 0 (all) or >= 2 (the other tasks are the negatives)")
+        if self.margin < 0 or self.lam < 0:
+            raise ValueError("margin and lam must be >= 0")
+
+
 # job name -> config class: `configs/<job>/*.yaml` must load into it (tests check every file).
 JOB_CONFIGS: dict[str, type] = {
     "data": IngestConfig,
     "demo": DemoConfig,
+    "space": SpaceConfig,
     "splits": SplitsConfig,
     "zoo": ZooConfig,
 }

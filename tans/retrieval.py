@@ -107,13 +107,16 @@ class Retriever:
         embeddings,
         query_encoder: QueryEncoder,
         predictor: PerformancePredictor,
+        info: dict | None = None,
+        extractor_spec=None,
+        index_table=None,
     ):
         self.model_ids = np.asarray(model_ids, dtype=object)
         self.tasks = np.asarray(tasks, dtype=object)
         self.n_params = np.asarray(n_params, dtype=np.int64)
         self.flops = np.asarray(flops, dtype=np.int64)
         self.families = np.asarray(families, dtype=object)
-        self.embeddings = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+        self.embeddings = torch.as_tensor(np.array(embeddings, dtype=np.float32))
         n = len(self.model_ids)
         lengths = {len(a) for a in (self.tasks, self.n_params, self.flops, self.families, self.embeddings)}
         if lengths != {n}:
@@ -122,6 +125,47 @@ class Retriever:
             raise SpaceError("the index is empty; build the space from a non-empty zoo")
         self.query_encoder = query_encoder.eval()
         self.predictor = predictor.eval()
+        self.info = dict(info or {})  # space.json plus `run` and `uri` when loaded from storage
+        self.extractor_spec = extractor_spec  # how queries are made from images (tans.features)
+        self.index_table = index_table  # the index's Arrow table (zoo columns), when loaded
+        self._extractor = None
+
+    @classmethod
+    def load(cls, space_uri: str | None = None) -> "Retriever":
+        """The space at ``space_uri``: ``<root>/spaces/<run>``, a root (its LATEST) or a run name."""
+        from tans.space import load_space
+
+        return load_space(space_uri)
+
+    @property
+    def extractor(self):
+        """The space's frozen feature extractor (built on first use)."""
+        if self._extractor is None:
+            if self.extractor_spec is None:
+                raise SpaceError("this retriever has no feature extractor; pass query features instead of images")
+            from tans.features import build_extractor
+
+            self._extractor = build_extractor(self.extractor_spec)
+        return self._extractor
+
+    def encode_images(self, images) -> torch.Tensor:
+        """uint8 images ``N x C x H x W`` -> query features with the space's extractor."""
+        return self.extractor(torch.as_tensor(images))
+
+    def retrieve_images(self, images, labels, **kwargs) -> RetrievalResult:
+        """:meth:`retrieve` for raw images (uint8 ``N x C x H x W``) and their labels."""
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or labels.shape[0] != len(images):
+            raise SpaceError(f"{len(images)} images but {labels.numel()} labels")
+        if torch.unique(labels).numel() < 2:
+            raise SpaceError(f"a query needs at least 2 classes, got {torch.unique(labels).numel()}")
+        return self.retrieve(self.encode_images(images), labels, **kwargs)
+
+    def row_of(self, model_id: str) -> int | None:
+        """Index row of ``model_id`` (None if it is not in the index)."""
+        if not hasattr(self, "_rows"):
+            self._rows = {m: i for i, m in enumerate(self.model_ids)}
+        return self._rows.get(model_id)
 
     def __len__(self) -> int:
         return len(self.model_ids)

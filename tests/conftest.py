@@ -151,3 +151,36 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
     return s3_server
+
+
+# -- the tiny pipeline, built once per test session and shared (read-only by convention) -------
+
+TINY_ZOO = "tiny-ofa_mbv3_tiny-32px"
+TINY_SPACE = "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory):
+    """A storage root with the tiny splits' built-in tasks (digits, mnist, clipart_0_9)."""
+    root = tmp_path_factory.mktemp("tinyroot")
+    for src in ("builtin:digits", "builtin:mnist", "builtin:clipart_0_9"):
+        proc = run_cli("data", "ingest", src, "--root", str(root), "--config", "configs/data/tiny.yaml")
+        assert proc.returncode == 0, proc.stderr
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tiny_data_root):
+    """(root, build-zoo process) after `tans build-zoo --config configs/zoo/tiny.yaml`."""
+    proc = run_cli("build-zoo", "--config", "configs/zoo/tiny.yaml", "--root", str(tiny_data_root), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tiny_data_root, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_space(tiny_zoo):
+    """(root, train-space process) after `tans train-space --config configs/space/tiny.yaml`."""
+    root, _ = tiny_zoo
+    proc = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, proc

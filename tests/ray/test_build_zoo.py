@@ -15,20 +15,14 @@ TINY = "configs/zoo/tiny.yaml"
 ZOO = "tiny-ofa_mbv3_tiny-32px"
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zooroot")
-    for src in ("builtin:digits", "builtin:mnist", "builtin:clipart_0_9"):
-        proc = run_cli("data", "ingest", src, "--root", str(root), "--config", "configs/data/tiny.yaml")
-        assert proc.returncode == 0, proc.stderr
-    return root
+@pytest.fixture
+def tiny_root(tiny_data_root):
+    return tiny_data_root
 
 
-@pytest.fixture(scope="module")
-def built(tiny_root):
-    proc = run_cli("build-zoo", "--config", TINY, "--root", str(tiny_root), timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tiny_root, proc
+@pytest.fixture
+def built(tiny_zoo):  # the session's tiny zoo (tests/conftest.py), shared with the later stages
+    return tiny_zoo
 
 
 @pytest.mark.timeout(1200)

@@ -26,6 +26,12 @@ CORE_MODULES = [
     "tans.contrastive",
     "tans.retrieval",
     "tans.space_metrics",
+    "tans.features",
+    "tans.space_training",
+    "tans.space",
+    "tans.finetune",
+    "tans.export",
+    "tans.logme",
 ]
 
 
@@ -43,7 +49,7 @@ def test_cli_help_and_planned_commands():
 
     ok = run_cli("--help")
     assert ok.returncode == 0 and "data" in ok.stdout and "demo" in ok.stdout
-    planned = run_cli("train-space")
+    planned = run_cli("serve")
     assert planned.returncode == 2 and "not implemented yet" in planned.stderr
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr

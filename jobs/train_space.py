@@ -1,0 +1,363 @@
+"""Train the cross-modal space on a zoo (Ray Train), then write its index, metrics and plot.
+
+    python -m jobs.train_space --config configs/space/local.yaml [--force] [key=value ...]
+    tans train-space ...   (the same)
+
+1. Query features for the zoo's meta_train and meta_val tasks (``jobs.extract_queries``, Ray Data).
+2. A ``TorchTrainer`` (``num_workers`` DDP workers; one is fine locally) trains the query
+   encoder, model encoder and predictor with the hard-negative contrastive loss + MSE on the
+   meta_train tasks only: neither the meta_val tasks' queries nor their zoo rows are trained on.
+   Every ``eval_every`` steps rank 0 scores the meta_val queries against the full index and
+   reports a checkpoint; an interrupted run resumes from its latest checkpoint.
+3. The checkpoint with the best meta_val score becomes ``model.pt``; the whole zoo is embedded
+   into ``index.parquet``; ``metrics.json`` (val metrics next to the random and size baselines,
+   curves), ``curves.png`` and ``tb/`` are written; ``space.json`` last, then ``spaces/LATEST``.
+
+A finished run (its ``space.json`` exists) is reused unless ``force=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+
+from jobs._common import run_main, split_overrides
+from tans.config import to_dict
+from tans.job_configs import SpaceConfig, load_job_config, load_splits
+from tans.storage import Storage
+
+RUN_NAME = "train"  # fixed, so a re-run finds (and resumes) the same Ray Train run
+KS = (1, 5, 10)
+
+
+# -- the per-worker training loop ----------------------------------------------------------
+
+
+def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: list[str]):
+    from tans.features import read_query
+    from tans.space_training import ZooArrays
+    from tans.zoo import read_zoo
+
+    storage = Storage(root)
+    zoo_all = ZooArrays.from_table(read_zoo(storage, zoo))
+    queries = {t: read_query(storage, extractor, t) for t in [*train, *val]}
+    return zoo_all, queries
+
+
+def _train_subset(zoo_all, tasks: list[str]):
+    """The zoo rows of ``tasks`` only: what the training loop may see."""
+    from tans.space_training import ZooArrays
+
+    rows = zoo_all.rows_of(tasks)
+    r = torch.from_numpy(rows)
+    return ZooArrays(zoo_all.model_ids[rows], zoo_all.tasks[rows], zoo_all.families[rows], zoo_all.ks[r],
+                     zoo_all.e[r], zoo_all.d[r], zoo_all.f_emb[r], zoo_all.accuracy[r], zoo_all.n_params[rows],
+                     zoo_all.flops[rows])
+
+
+def train_loop(config: dict) -> None:
+    """One Ray Train worker: resume or start, train, evaluate on meta-val, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from tans.space import build_space_model
+    from tans.space_training import evaluate_space, selection_score, train_step
+
+    torch.set_num_threads(max(1, config["threads"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train, val = config["train_tasks"], config["val_tasks"]
+    zoo_all, queries = _load_inputs(config["root"], config["zoo"], config["extractor"], train, val)
+    zoo_train = _train_subset(zoo_all, train)
+    train_queries = {t: queries[t] for t in train}
+    val_queries = {t: queries[t] for t in val}
+
+    torch.manual_seed(config["seed"])
+    model = build_space_model(config["info"])
+    state = {"step": 0, "history": []}
+    optimizer_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True))
+            optimizer_state = torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=True)
+            with open(os.path.join(d, "state.json")) as f:
+                state = json.load(f)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    inner = getattr(model, "module", model)
+    optimizer = torch.optim.Adam(inner.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    from jobs.pretrain_supernet import _tb_writer, _upload_tb
+
+    writer = _tb_writer(config, rank, purge_step=state["step"] or None)
+    steps, every = config["steps"], config["eval_every"]
+    losses: list[dict] = []
+    t0 = time.perf_counter()
+    for step in range(state["step"], steps):
+        # Every rank draws the same task batch, then takes its shard: negatives stay within a rank.
+        shared = np.random.default_rng([config["seed"], step])
+        batch = list(train)
+        if config["tasks_per_step"] and config["tasks_per_step"] < len(batch):
+            batch = [batch[i] for i in sorted(shared.choice(len(batch), config["tasks_per_step"], replace=False))]
+        mine = batch[rank::world] if world > 1 else batch
+        gen = np.random.default_rng([config["seed"], step, rank])
+        parts = train_step(model, optimizer, zoo_train, train_queries, mine, config["per_class"], gen,
+                           lam=config["lam"], margin=config["margin"], device=device)
+        losses.append(parts)
+        if writer is not None:
+            for k, v in parts.items():
+                writer.add_scalar(f"train/{k}", v, step + 1)
+        if (step + 1) % every and step + 1 != steps:
+            continue
+        metrics = {"step": step + 1, **{k: float(np.mean([p[k] for p in losses])) for k in losses[0]}}
+        losses.clear()
+        if rank == 0:
+            val_m = evaluate_space(inner, zoo_all, val_queries)
+            metrics.update({k: val_m[k] for k in ("R@1", "R@5", "R@10", "mean_rank", "median_rank", "rmse", "kendall_tau")})
+            metrics["select"] = selection_score(val_m)
+            metrics["seconds"] = time.perf_counter() - t0
+            if writer is not None:
+                for k in ("R@1", "R@5", "R@10", "mean_rank", "rmse", "kendall_tau"):
+                    writer.add_scalar(f"val/{k}", metrics[k], step + 1)
+                writer.flush()
+                _upload_tb(config, writer)
+            if config["progress"] is not None:
+                config["progress"].put({**metrics, "steps": steps})
+        state = {"step": step + 1, "history": [*state["history"], metrics]}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({k: v.detach().cpu() for k, v in inner.state_dict().items()}, os.path.join(tmp, "model.pt"))
+                torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+                with open(os.path.join(tmp, "state.json"), "w") as f:
+                    json.dump(state, f)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+    if writer is not None:
+        writer.close()
+        _upload_tb(config, writer)
+
+
+def _print_progress(progress) -> None:
+    """Print the lines rank 0 sends after each evaluation until ``None`` arrives."""
+    while True:
+        try:
+            m = progress.get(timeout=5)
+        except Exception:  # noqa: BLE001 - Empty, or the queue actor is gone at shutdown
+            continue
+        if m is None:
+            return
+        print(f"[space] step {m['step']}/{m['steps']}  loss {m['loss']:.4f}  val R@1 {m['R@1']:.2f}  "
+              f"R@5 {m['R@5']:.2f}  mean rank {m['mean_rank']:.1f}  tau {m['kendall_tau']:.3f}  "
+              f"{m['seconds']:.0f}s", flush=True)
+
+
+def _trainer(cfg: SpaceConfig, storage: Storage, config: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_config = RunConfig(
+        name=RUN_NAME,
+        storage_path=storage.path(f"spaces/{cfg.name}/ray_train"),
+        storage_filesystem=None if storage.is_local else storage.fs,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        # every evaluation is kept (a few MB each): the best one on meta-val is chosen at the end
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        run_config=run_config,
+    )
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+def _best_checkpoint(result):
+    """(checkpoint, metrics) of the report with the best meta-val selection score."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if "select" in m]
+    if not scored:
+        raise RuntimeError("space training ended without an evaluated checkpoint")
+    # max by score; on a tie the earlier step (fewer steps, less chance of overfitting)
+    return max(scored, key=lambda cm: (cm[1]["select"], -cm[1]["step"]))
+
+
+def plot_curves(history: list[dict], baselines: dict, path: str) -> None:
+    """curves.png: training loss, and val R@k next to the random baseline, over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key in ("loss", "contrastive", "mse"):
+        ax1.plot(steps, [h[key] for h in history], label=key)
+    ax1.set_xlabel("step"), ax1.set_title("training loss (meta-train)"), ax1.legend()
+    for k, color in zip(KS, ("C0", "C1", "C2")):
+        ax2.plot(steps, [h[f"R@{k}"] for h in history], color=color, label=f"R@{k}")
+        ax2.axhline(baselines["random"][f"R@{k}"], color=color, ls=":", lw=1)
+    ax2.set_ylim(-0.05, 1.05), ax2.set_xlabel("step"), ax2.set_title("meta-val recall (dotted: random)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_table(val: dict) -> str:
+    rnd, size = val["baselines"]["random"], val["baselines"]["size"]
+    rows = [("R@1", val["R@1"], rnd["R@1"], None), ("R@5", val["R@5"], rnd["R@5"], None),
+            ("R@10", val["R@10"], rnd["R@10"], None), ("mean rank", val["mean_rank"], rnd["mean_rank"], None),
+            ("median rank", val["median_rank"], rnd["median_rank"], None),
+            ("Kendall tau", val["kendall_tau"], None, size["kendall_tau"]), ("RMSE", val["rmse"], None, None)]
+    lines = [f"{'meta-val':<12} {'space':>8} {'random':>8} {'size':>8}"]
+    for name, v, r, s in rows:
+        def cell(x):
+            return f"{x:8.3f}" if x is not None else f"{'':>8}"
+        lines.append(f"{name:<12} {cell(v)} {cell(r)} {cell(s)}")
+    return "\n".join(lines)
+
+
+def train_space(cfg: SpaceConfig, storage: Storage) -> str:
+    """Train (or reuse) the space ``cfg.name``; returns its URI."""
+    from jobs.extract_queries import extract_queries, extractor_spec, space_tasks
+    from tans.space import finish_space, index_table, read_space_info, save_model_state, space_dir
+    from tans.space_training import SpaceModel, ZooArrays, evaluate_space, index_embeddings
+    from tans.supernets import get_family
+    from tans.zoo import read_manifest, read_zoo
+
+    run_dir = space_dir(cfg.name)
+    if storage.is_file(f"{run_dir}/space.json") and not cfg.force:
+        info = read_space_info(storage, cfg.name)
+        if info.get("zoo") != cfg.zoo:
+            from tans.zoo import ZooError
+
+            raise ZooError(f"space {cfg.name!r} was trained on zoo {info.get('zoo')!r}, not {cfg.zoo!r}: "
+                           "pick another name or use --force")
+        print(f"[space] reusing the finished space {storage.uri_of(run_dir)}")
+        print(format_table(storage.read_json(f"{run_dir}/metrics.json")["val"]))
+        return storage.uri_of(run_dir)
+
+    t_start = time.perf_counter()
+    manifest = read_manifest(storage, cfg.zoo)
+    family = get_family(manifest.family)
+    train, val = space_tasks(cfg, storage)
+    spec = extractor_spec(cfg, storage)
+    extract_queries(storage, spec, train + val, cfg.queries)
+    from tans.features import read_query
+
+    feature_dim = int(read_query(storage, spec.name, train[0])[0].shape[1])
+    splits = load_splits(cfg.splits)
+    info = {
+        "run": cfg.name, "zoo": cfg.zoo, "family": manifest.family, "image_size": manifest.image_size,
+        "extractor": spec.to_dict(), "feature_dim": feature_dim, "splits": cfg.splits,
+        "splits_hash": splits.digest(), "zoo_splits_hash": manifest.splits_hash, "train_tasks": train,
+        "val_tasks": val, "architecture": {"embed_dim": cfg.embed_dim, "hidden": cfg.hidden,
+                                           "attention": cfg.attention, "predictor_hidden": cfg.predictor_hidden},
+    }
+    if cfg.force:
+        storage.delete(f"{run_dir}/space.json")
+        storage.delete(run_dir)
+    fingerprint = {k: v for k, v in to_dict(cfg).items() if k not in ("force", "max_failures", "root")}
+    if storage.is_file(f"{run_dir}/run.json") and storage.read_json(f"{run_dir}/run.json") != fingerprint:
+        print("[space] an unfinished run with other settings exists: starting over")
+        storage.delete(f"{run_dir}/ray_train")
+        storage.delete(f"{run_dir}/tb")
+    storage.write_json(f"{run_dir}/run.json", fingerprint)
+
+    from tans import runtime
+
+    runtime.init_ray()
+    from ray.util.queue import Queue
+
+    progress = Queue(actor_options={"num_cpus": 0})
+    config = {
+        "root": storage.uri, "zoo": cfg.zoo, "extractor": spec.name, "train_tasks": train, "val_tasks": val,
+        "info": info, "seed": cfg.seed, "steps": cfg.steps, "eval_every": cfg.eval_every, "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay, "lam": cfg.lam, "margin": cfg.margin, "per_class": cfg.per_class,
+        "tasks_per_step": cfg.tasks_per_step, "threads": cfg.cpus_per_worker, "tb_rel": f"{run_dir}/tb",
+        "progress": progress,
+    }
+    print(f"[space] {cfg.name}: zoo {cfg.zoo} ({manifest.rows} models), {len(train)} meta-train / {len(val)} "
+          f"meta-val tasks, features {feature_dim}-d from {spec.name}; {cfg.steps} steps on "
+          f"{cfg.num_workers} worker(s) -> {storage.uri_of(run_dir)}", flush=True)
+    t0 = time.perf_counter()
+    printer = threading.Thread(target=_print_progress, args=(progress,), daemon=True)
+    printer.start()
+    try:
+        result = _trainer(cfg, storage, config).fit()
+    finally:
+        progress.put(None)
+        printer.join(timeout=10)
+        progress.shutdown()
+    train_s = time.perf_counter() - t0
+    ckpt, best = _best_checkpoint(result)
+    with ckpt.as_directory() as d:
+        state_dict = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+        with open(os.path.join(d, "state.json")) as f:
+            history = json.load(f)["history"]
+    if result.checkpoint is not None:  # the full curve lives in the latest checkpoint's state
+        with result.checkpoint.as_directory() as d:
+            with open(os.path.join(d, "state.json")) as f:
+                history = json.load(f)["history"]
+
+    model = SpaceModel(family, feature_dim, cfg.embed_dim, cfg.hidden, cfg.attention, cfg.predictor_hidden)
+    model.load_state_dict(state_dict)
+    model.eval()
+    zoo_table = read_zoo(storage, cfg.zoo)
+    zoo_all = ZooArrays.from_table(zoo_table)
+    queries = {t: read_query(storage, spec.name, t) for t in val}
+    val_metrics = evaluate_space(model, zoo_all, queries)  # the chosen checkpoint, recomputed here
+    embeddings = index_embeddings(model, zoo_all)
+
+    save_model_state(storage, cfg.name, model.state_dict())
+    storage.write_parquet(f"{run_dir}/index.parquet", index_table(zoo_table, embeddings))
+    metrics = {"val": val_metrics, "val_tasks": val, "train_tasks": train, "best_step": best["step"],
+               "selection": "lowest meta-val mean rank of the best model, ties by Kendall tau",
+               "train_seconds": round(train_s, 1), "history": history}
+    storage.write_json(f"{run_dir}/metrics.json", metrics)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "curves.png")
+        plot_curves(history, val_metrics["baselines"], png)
+        with open(png, "rb") as f:
+            storage.write_bytes(f"{run_dir}/curves.png", f.read())
+    info.update({"index_rows": int(zoo_table.num_rows), "best_step": best["step"], "config": to_dict(cfg),
+                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    finish_space(storage, cfg.name, info)
+    print(format_table(val_metrics))
+    print(f"[space] done in {time.perf_counter() - t_start:.0f}s (best step {best['step']}) -> "
+          f"{storage.uri_of(run_dir)} (spaces/LATEST = {cfg.name})")
+    return storage.uri_of(run_dir)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tans train-space", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="space config YAML (default: configs/space/local.yaml)")
+    parser.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
+    parser.add_argument("--force", action="store_true", help="retrain even if the run is finished")
+    overrides, rest = split_overrides(argv)
+    args = parser.parse_args(rest)
+    overrides += ([f"root={args.root}"] if args.root else []) + (["force=true"] if args.force else [])
+    cfg: SpaceConfig = load_job_config("space", args.config, overrides)
+    train_space(cfg, Storage(cfg.root or None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,111 @@
+"""`tans train-space` end to end on the tiny zoo: queries, Ray Train, index, metrics, Retriever.load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tans.features import read_query
+from tans.retrieval import Retriever, UnsatisfiableConstraint
+from tans.space import SpaceNotFound
+from tans.storage import Storage
+from tans.zoo import ZOO_SCHEMA, read_zoo
+from tests.conftest import TINY_SPACE, TINY_ZOO, run_cli
+
+TRAIN, VAL = ["digits_0_5", "digits_5_10", "mnist_0_5"], ["mnist_5_10"]
+
+
+@pytest.mark.timeout(1500)
+def test_space_run_writes_everything_a_consumer_needs(tiny_space):
+    root, proc = tiny_space
+    run = root / "spaces" / TINY_SPACE
+    assert "meta-val" in proc.stdout and "random" in proc.stdout  # the closing table
+    assert (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE
+    info = json.loads((run / "space.json").read_text())
+    assert info["zoo"] == TINY_ZOO and info["family"] == "ofa_mbv3_tiny" and info["image_size"] == 32
+    assert info["feature_dim"] == 448 and info["extractor"]["kind"] == "supernet"
+    assert info["train_tasks"] == TRAIN and info["val_tasks"] == VAL
+
+    # one query per task: per_class (8) images of every class, features of the extractor's size
+    st = Storage(str(root))
+    for task in TRAIN + VAL:
+        x, y = read_query(st, info["extractor"]["name"], task)
+        assert x.shape == (8 * 5, 448) and np.bincount(y).tolist() == [8] * 5
+        assert np.isfinite(x).all() and x.std() > 0
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    val = metrics["val"]
+    for key in ("R@1", "R@5", "R@10", "mean_rank", "median_rank", "rmse", "kendall_tau"):
+        assert key in val and val[key] == val[key], key  # present and not NaN
+    assert set(val["baselines"]) == {"random", "size"}
+    assert val["baselines"]["random"]["mean_rank"] == pytest.approx((16 + 1) / 2)
+    assert len(metrics["history"]) == 3  # 60 steps, evaluated every 20
+    assert metrics["best_step"] in (20, 40, 60)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+    # the index: every zoo row, zoo columns without f_emb, plus a unit-norm embedding
+    index = st.read_parquet(f"spaces/{TINY_SPACE}/index.parquet")
+    zoo = read_zoo(st, TINY_ZOO)
+    assert index.num_rows == zoo.num_rows
+    assert index.column_names == [c for c in ZOO_SCHEMA.names if c != "f_emb"] + ["embedding"]
+    emb = np.asarray(index.column("embedding").to_pylist())
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.timeout(1500)
+def test_retriever_load_answers_with_constraints(tiny_space):
+    root, _ = tiny_space
+    by_root = Retriever.load(str(root))
+    by_run = Retriever.load(str(root / "spaces" / TINY_SPACE))
+    assert len(by_root) == len(by_run) == 16 and by_root.info["run"] == TINY_SPACE
+    x, y = read_query(Storage(str(root)), by_root.info["extractor"]["name"], "mnist_5_10")
+    a = by_root.retrieve(x, y, k=5)
+    b = by_run.retrieve(x, y, k=5)
+    assert [c.model_id for c in a.candidates] == [c.model_id for c in b.candidates]
+    assert len(a.candidates) == 5
+    preds = [c.predicted_accuracy for c in a.candidates]
+    assert preds == sorted(preds, reverse=True)  # re-ranked by the predictor
+
+    limit = int(np.median(by_root.n_params))
+    small = by_root.retrieve(x, y, k=50, max_params=limit)
+    assert small.candidates and all(c.n_params <= limit for c in small.candidates)
+    assert small.returned_k == int((by_root.n_params <= limit).sum()) < 50 and "only" in small.note
+    with pytest.raises(UnsatisfiableConstraint, match="smallest model"):
+        by_root.retrieve(x, y, k=3, max_params=10)
+
+    # images go through the space's own extractor: a task's stored images give a real answer
+    from tans.reader import load_task_tensors
+
+    data = load_task_tensors(Storage(str(root)), "mnist_5_10", "train", 32)
+    res = by_root.retrieve_images(data.images[::5], data.labels[::5], k=3)
+    assert len(res.candidates) == 3
+    with pytest.raises(ValueError, match="2 classes"):
+        by_root.retrieve_images(data.images[:4], torch.zeros(4, dtype=torch.long), k=3)
+    with pytest.raises(SpaceNotFound):
+        Retriever.load(str(root / "spaces" / "no-such-run"))
+
+
+@pytest.mark.timeout(1500)
+def test_rerun_reuses_and_bad_input_is_one_line(tiny_space, tmp_path):
+    root, _ = tiny_space
+    again = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), timeout=300)
+    assert again.returncode == 0 and "reusing the finished space" in again.stdout, again.stderr[-2000:]
+
+    cases = [
+        (["zoo=no-such-zoo", "name=bad1"], 1, "no-such-zoo"),
+        (["stepz=3"], 2, "stepz"),
+        (["tasks_per_step=1"], 2, "tasks_per_step"),
+        (["extractor.kind=resnet18", "extractor.uri=/nonexistent/r18.pt", "name=bad2"], 1, "/nonexistent/r18.pt"),
+    ]
+    for overrides, code, needle in cases:
+        proc = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), *overrides,
+                       timeout=300)
+        errors = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+        assert proc.returncode == code and len(errors) == 1 and needle in errors[0], (overrides, proc.stderr[-2000:])
+    assert not (root / "spaces" / "bad1" / "space.json").exists()
+    assert not (root / "spaces" / "bad2" / "space.json").exists()
+    assert (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE
