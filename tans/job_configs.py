@@ -227,10 +227,67 @@ class SpaceConfig:
             raise ValueError("margin and lam must be >= 0")
 
 
+@dataclass
+class SearchConfig:
+    """``tans search``: retrieve under constraints, fine-tune the best few (Ray Tune), baselines, report."""
+
+    name: str = ""  # the run: <root>/searches/<name>/; "" derives one from dataset and constraints
+    root: str = ""
+    space: str = ""  # a space URI or run name; "" = <root>/spaces/LATEST
+    dataset: str = ""  # ImageFolder (local/s3://), builtin:<task>, or a task in the root
+    max_params: int = 0  # 0: no limit
+    max_flops: int = 0  # 0: no limit
+    family: str = ""  # "" any family of the space
+    top_k: int = 10  # retrieved candidates
+    finetune: int = 3  # the best of them by predicted accuracy that are fine-tuned
+    epochs: int = 3
+    seeds: int = 1  # every fine-tune repeats with seeds seed..seed+seeds-1 (mean ± std)
+    lrs: list[float] = field(default_factory=lambda: [0.02])  # grid: model and lr chosen together
+    batch_size: int = 64
+    weight_decay: float = 4e-5
+    val_fraction: float = 0.2  # carved from train, seeded; the winner is chosen on it
+    max_train_images: int = 1500  # stratified cap on train (before the val split); 0 = all
+    max_test_images: int = 0
+    query_per_class: int = 20  # images per class encoded as the query
+    seed: int = 0
+    oracle: bool = False  # also fine-tune every top-k candidate: the best test accuracy among them
+    baselines: list[str] = field(default_factory=lambda: ["scratch", "scratch_matched", "generic", "random",
+                                                          "nearest_dataset", "logme"])
+    random_models: int = 3
+    logme_pool: int = 32  # LogME scores at most this many pool models (seeded sample); 0 = all
+    logme_images: int = 500  # train images whose features LogME scores
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    asha: bool = False  # ASHA stops weak candidates early (candidates only, never baselines)
+    max_failures: int = 0  # retries of a failed trial
+    force: bool = False  # redo a finished search
+
+    def validate(self) -> None:
+        if self.top_k < 1 or self.finetune < 1:
+            raise ValueError("top_k and finetune must be >= 1")
+        if self.finetune > self.top_k:
+            raise ValueError(f"finetune ({self.finetune}) cannot be larger than top_k ({self.top_k})")
+        if self.epochs < 1 or self.seeds < 1:
+            raise ValueError("epochs and seeds must be >= 1")
+        if self.max_params < 0 or self.max_flops < 0:
+            raise ValueError("max_params and max_flops must be >= 0 (0: no limit)")
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise ValueError("lrs must be a non-empty list of positive learning rates")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        known = ("scratch", "scratch_matched", "generic", "random", "nearest_dataset", "logme")
+        for b in self.baselines:
+            if b not in known:
+                raise ValueError(f"unknown baseline {b!r} (known: {', '.join(known)})")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+
+
 # job name -> config class: `configs/<job>/*.yaml` must load into it (tests check every file).
 JOB_CONFIGS: dict[str, type] = {
     "data": IngestConfig,
     "demo": DemoConfig,
+    "search": SearchConfig,
     "space": SpaceConfig,
     "splits": SplitsConfig,
     "zoo": ZooConfig,

@@ -1,0 +1,478 @@
+"""Search: retrieve under constraints, fine-tune the best candidates in parallel (Ray Tune), report.
+
+    tans search --dataset SRC [--max-params N] [--max-flops N] [--top-k K] [--finetune K2]
+                [--epochs E] [--seeds S] [--oracle] [--config configs/search/local.yaml] [key=value ...]
+
+1. SRC (an ImageFolder, ``builtin:<task>`` or a task in the root) becomes a task in the storage
+   root; its train split is split into train / validation (seeded); its test split is only
+   ever reported, never used to choose.
+2. The space's extractor encodes a query from the train images; the Retriever masks the zoo by
+   the constraints (an unsatisfiable one is a one-line error before any training), takes the
+   top-K by cosine similarity and re-ranks them by predicted accuracy.
+3. Ray Tune fine-tunes the best K2 (x the lr grid x seeds), one trial each with its fractional
+   CPU/GPU share; ASHA optionally stops weak ones. The winner has the best validation accuracy.
+4. Baselines in a second Tune run on the same data and seeds: scratch, scratch_matched, generic,
+   random, nearest_dataset, logme (and oracle with --oracle). Trials that train the same network
+   the same way are run once and shared.
+5. ``<root>/searches/<run>/``: report.json (last), report.md, report.png, model/ (the winner,
+   re-measured against the constraints), tune/ (Tune's experiment: TensorBoard logs per trial).
+
+An interrupted search resumes its Tune runs (``Tuner.restore``); a finished one is reused
+unless ``force=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+
+import numpy as np
+
+from jobs._common import run_main, split_overrides
+from tans.config import to_dict
+from tans.job_configs import SearchConfig, load_job_config
+from tans.search import (
+    SearchError,
+    TrialResult,
+    TrialSpec,
+    baseline_entry,
+    choose_winner,
+    load_search_data,
+    logme_sample,
+    pick_nearest_dataset,
+    pick_random,
+    plot_report,
+    prepare_dataset,
+    report_markdown,
+    summarise_candidates,
+)
+from tans.storage import Storage
+
+# Test hook: a trial of this model id raises (a failing trial must not fail the search).
+FAIL_MODEL_ENV = "TANS_SEARCH_FAIL_MODEL"
+
+
+# -- the Tune trainable ---------------------------------------------------------------------------
+
+
+def finetune_trial(config: dict, data=None) -> None:
+    """One Tune trial: build the spec's network, fine-tune it, report and checkpoint every epoch."""
+    import torch
+    from ray import tune
+
+    from tans.finetune import build_candidate, finetune
+    from tans.subnets import Arch
+
+    spec = TrialSpec(**config["spec"])
+    torch.set_num_threads(max(1, int(config["threads"])))
+    if os.environ.get(FAIL_MODEL_ENV) and os.environ[FAIL_MODEL_ENV] == spec.model_id:
+        raise RuntimeError(f"test hook {FAIL_MODEL_ENV}: trial of {spec.model_id} fails on purpose")
+    device = "cuda" if config["gpus"] > 0 and torch.cuda.is_available() else "cpu"
+    model = build_candidate(spec.family, Arch.from_dict(spec.arch), len(data.classes), spec.weights_uri, spec.seed)
+    state = {"val": [], "test": [], "epochs_done": 0}
+    model_state = optimizer_state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            model_state = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+            optimizer_state = torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=True)
+            with open(os.path.join(d, "state.json")) as f:
+                state = json.load(f)
+        if state["epochs_done"] >= spec.epochs:
+            return
+
+    def on_epoch(epoch, metrics, net, optimizer):
+        state["val"].append(metrics["val_accuracy"])
+        state["test"].append(metrics["test_accuracy"])
+        state["epochs_done"] = metrics["epochs_done"]
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, os.path.join(tmp, "model.pt"))
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f)
+            tune.report({"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"],
+                         "train_loss": metrics["train_loss"], "lr": metrics["lr"], "epochs_done": metrics["epochs_done"],
+                         "val_history": list(state["val"]), "test_history": list(state["test"])},
+                        checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    finetune(model, data.train, data.val, data.test, spec.epochs, config["batch_size"], spec.lr, spec.seed,
+             weight_decay=config["weight_decay"], on_epoch=on_epoch, start_epoch=state["epochs_done"],
+             optimizer_state=optimizer_state, model_state=model_state, device=device)
+
+
+def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec], data, cfg: SearchConfig,
+               asha: bool) -> list[TrialResult]:
+    """One Tune run over ``specs`` (resumed if it was interrupted); one result per spec."""
+    from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not specs:
+        return []
+    trainable = tune.with_resources(tune.with_parameters(finetune_trial, data=data),
+                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    path = storage.path(f"{run_dir}/tune")
+    fs = None if storage.is_local else storage.fs
+    exp = f"{path}/{phase}"
+    if tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        print(f"[search] resuming the interrupted {phase} run ({exp})", flush=True)
+        tuner = tune.Tuner.restore(exp, trainable, resume_errored=False, restart_errored=False,
+                                   storage_filesystem=fs)
+    else:
+        scheduler = None
+        if asha:
+            scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max(s.epochs for s in specs),
+                                      grace_period=1, reduction_factor=2)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"spec": tune.grid_search([s.to_dict() for s in specs]), "batch_size": cfg.batch_size,
+                         "weight_decay": cfg.weight_decay, "threads": cfg.cpus_per_trial, "gpus": cfg.gpus_per_trial},
+            tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler),
+            run_config=tune.RunConfig(name=phase, storage_path=path, storage_filesystem=fs, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      callbacks=[TBXLoggerCallback()]),
+        )
+    grid = tuner.fit()
+    by_trial = {}
+    for r in grid:
+        spec = TrialSpec(**r.config["spec"])
+        m = r.metrics or {}
+        val, test = list(m.get("val_history") or []), list(m.get("test_history") or [])
+        if r.error is not None:
+            status = "failed"
+        elif len(val) < spec.epochs:
+            status = "stopped"
+        else:
+            status = "finished"
+        error = "" if r.error is None else " ".join(str(r.error).split())[-300:]
+        ckpt = r.checkpoint.path if r.checkpoint is not None else ""
+        by_trial[spec.trial] = TrialResult(spec, status, val, test, error, float(m.get("time_total_s") or 0.0), ckpt)
+    return [by_trial[s.trial] for s in specs]
+
+
+# -- LogME over the pool (Ray tasks) ------------------------------------------------------------
+
+
+def _logme_chunk(rows: list[dict], images, labels, threads: int) -> list[float]:
+    import torch
+
+    from tans.finetune import build_candidate, extract_features
+    from tans.logme import logme_score
+    from tans.reader import TaskTensors
+    from tans.subnets import Arch
+
+    torch.set_num_threads(max(1, threads))
+    data = TaskTensors(images, labels, int(labels.max()) + 1)
+    scores = []
+    for row in rows:
+        arch = Arch.from_dict({"ks": row["ks"], "e": row["e"], "d": row["d"]})
+        net = build_candidate(row["family"], arch, 2, row["supernet_uri"], seed=0)
+        scores.append(float(logme_score(extract_features(net, data), labels.numpy())))
+    return scores
+
+
+def logme_scores(rows: list[dict], data, n_images: int, seed: int, cpus: float) -> list[float]:
+    """LogME of every row's features on (a seeded, stratified sample of) the target's train images."""
+    import ray
+
+    from tans.finetune import split_train_val, subset
+
+    train = data.train
+    if n_images and len(train) > n_images:
+        keep, _ = split_train_val(train.labels.numpy(), 1.0 - n_images / len(train), seed)
+        train = subset(train, keep)
+    n_workers = max(1, min(len(rows), int(ray.available_resources().get("CPU", 1) // cpus) or 1))
+    chunks = [rows[i::n_workers] for i in range(n_workers)]
+    remote = ray.remote(num_cpus=cpus)(_logme_chunk)
+    img_ref, lab_ref = ray.put(train.images), ray.put(train.labels)
+    outs = ray.get([remote.remote(c, img_ref, lab_ref, int(cpus)) for c in chunks])
+    scores = [0.0] * len(rows)
+    for i in range(n_workers):
+        for j, s in zip(range(i, len(rows), n_workers), outs[i]):
+            scores[j] = s
+    return scores
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+def run_name(cfg: SearchConfig, task: str) -> str:
+    parts = [task]
+    if cfg.max_params:
+        parts.append(f"p{cfg.max_params}")
+    if cfg.max_flops:
+        parts.append(f"f{cfg.max_flops}")
+    if cfg.family:
+        parts.append(cfg.family.replace(".", "_"))
+    return cfg.name or "-".join(parts)
+
+
+def _space_root(retriever) -> Storage:
+    uri = retriever.info["uri"]
+    return Storage(uri[: uri.rindex("/spaces/")])
+
+
+def search(cfg: SearchConfig, storage: Storage) -> dict:
+    """Run (or reuse) one search; returns the report (also written to searches/<run>/report.json)."""
+    import torch
+
+    from tans.features import build_extractor, query_from_tensors, read_query
+    from tans.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask
+
+    t_start = time.perf_counter()
+    retriever = Retriever.load(cfg.space or storage.uri)  # SpaceNotFound: one line
+    info = retriever.info
+    image_size = int(info["image_size"])
+    task, how = prepare_dataset(storage, cfg.dataset, image_size)
+    run = run_name(cfg, task)
+    run_dir = f"searches/{run}"
+    if storage.is_file(f"{run_dir}/report.json") and not cfg.force:
+        report = storage.read_json(f"{run_dir}/report.json")
+        print(f"[search] reusing the finished search {storage.uri_of(run_dir)}")
+        print(report_markdown(report).split("## Candidates")[0].rstrip())
+        return report
+    data = load_search_data(storage, task, image_size, cfg.val_fraction, cfg.seed, cfg.max_train_images,
+                            cfg.max_test_images)
+    constraints = {"max_params": cfg.max_params or None, "max_flops": cfg.max_flops or None,
+                   "family": cfg.family or None}
+
+    # -- TANS selection: encode + retrieve (the time a user waits for the ranking)
+    extractor = build_extractor(retriever.extractor_spec)
+    t_sel = time.perf_counter()
+    qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
+    try:
+        result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, **constraints)
+    except UnsatisfiableConstraint as exc:
+        raise SearchError(str(exc)) from None
+    tans_seconds = time.perf_counter() - t_sel
+    if result.note:
+        print(f"[search] note: {result.note}")
+    table = retriever.index_table
+    rows = {m: i for i, m in enumerate(table.column("model_id").to_pylist())}
+    cols = {c: table.column(c).to_pylist() for c in ("task", "family", "ks", "e", "d", "accuracy", "supernet_uri")}
+
+    def spec_of(row: int, role: str, trial: str, seed: int, lr: float, epochs: int, weights: str | None = "zoo",
+                cand=None) -> TrialSpec:
+        arch = {"ks": cols["ks"][row], "e": cols["e"][row], "d": cols["d"][row]}
+        return TrialSpec(trial=trial, role=role, model_id=str(retriever.model_ids[row]), family=cols["family"][row],
+                         arch=arch, weights_uri=cols["supernet_uri"][row] if weights == "zoo" else weights,
+                         epochs=epochs, lr=lr, seed=seed, task=cols["task"][row],
+                         n_params=int(retriever.n_params[row]), flops=int(retriever.flops[row]),
+                         similarity=None if cand is None else cand.similarity,
+                         predicted_accuracy=None if cand is None else cand.predicted_accuracy)
+
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    fine = result.candidates[: cfg.finetune]
+    print(f"[search] {task} ({how}): {len(data.classes)} classes, train {len(data.train)} / val {len(data.val)} / "
+          f"test {len(data.test)}; top {len(result.candidates)} of {len(retriever)} models in {tans_seconds:.2f}s; "
+          f"fine-tuning {len(fine)} x {len(cfg.lrs)} lr x {len(seeds)} seed(s) for {cfg.epochs} epoch(s)", flush=True)
+    from tans import runtime
+
+    runtime.init_ray()
+    storage.write_json(f"{run_dir}/search.json", {"config": to_dict(cfg), "task": task, "space": info["run"]})
+    cand_specs = [spec_of(rows[c.model_id], "candidate", f"cand{i}-lr{lr:g}-s{s}", s, lr, cfg.epochs, cand=c)
+                  for i, c in enumerate(fine) for lr in cfg.lrs for s in seeds]
+    cand_results = run_trials(storage, run_dir, "candidates", cand_specs, data, cfg, asha=cfg.asha)
+    candidates = summarise_candidates(cand_results)
+    winner = choose_winner(candidates)
+    w_row, w_lr = rows[winner["model_id"]], winner["lr"]
+    print(f"[search] winner {winner['model_id']} (val {winner['val_accuracy']:.3f}, lr {w_lr:g})", flush=True)
+
+    # -- baselines (and the oracle): same data, seeds, epochs and lr as the winner
+    pool = np.flatnonzero(constraint_mask(retriever.n_params, retriever.flops, retriever.families, **constraints))
+    base_specs: dict[str, list[TrialSpec]] = {}
+    extra: dict[str, dict] = {}
+    zoo = info["zoo"]
+    space_root = _space_root(retriever)
+    if "scratch" in cfg.baselines:
+        base_specs["scratch"] = [spec_of(w_row, "scratch", f"scratch-s{s}", s, w_lr, cfg.epochs, weights=None) for s in seeds]
+    if "scratch_matched" in cfg.baselines:
+        matched = cfg.epochs * len(fine) * len(cfg.lrs)
+        base_specs["scratch_matched"] = [spec_of(w_row, "scratch_matched", f"scratch_matched-s{s}", s, w_lr, matched,
+                                                 weights=None) for s in seeds]
+        extra["scratch_matched"] = {"epochs": matched}
+    if "generic" in cfg.baselines:
+        base = space_root.uri_of(f"supernets/{zoo}/base/model.pt")
+        base_specs["generic"] = [spec_of(w_row, "generic", f"generic-s{s}", s, w_lr, cfg.epochs, weights=base) for s in seeds]
+    if "random" in cfg.baselines:
+        picks = pick_random(pool, cfg.random_models, cfg.seed)
+        base_specs["random"] = [spec_of(r, "random", f"random{j}-s{s}", s, w_lr, cfg.epochs)
+                                for j, r in enumerate(picks) for s in seeds]
+    if "nearest_dataset" in cfg.baselines:
+        ex_name = info["extractor"]["name"]
+        means = {}
+        for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
+            try:
+                means[t] = read_query(space_root, ex_name, t)[0].mean(axis=0)
+            except Exception:  # noqa: BLE001 - a task without a stored query is simply not a neighbour
+                continue
+        row, near_task, sim = pick_nearest_dataset(qx.mean(axis=0), means, pool, np.asarray(cols["task"], dtype=object),
+                                                   np.asarray(cols["accuracy"]))
+        base_specs["nearest_dataset"] = [spec_of(row, "nearest_dataset", f"nearest-s{s}", s, w_lr, cfg.epochs)
+                                         for s in seeds]
+        extra["nearest_dataset"] = {"zoo_task": near_task, "feature_cosine": sim}
+    logme_seconds = None
+    if "logme" in cfg.baselines:
+        sample = logme_sample(pool, cfg.logme_pool, cfg.seed)
+        t_l = time.perf_counter()
+        scores = logme_scores([{"family": cols["family"][r], "ks": cols["ks"][r], "e": cols["e"][r], "d": cols["d"][r],
+                                "supernet_uri": cols["supernet_uri"][r]} for r in sample],
+                              data, cfg.logme_images, cfg.seed, cfg.cpus_per_trial)
+        logme_seconds = time.perf_counter() - t_l
+        best = int(sample[int(np.argmax(scores))])
+        base_specs["logme"] = [spec_of(best, "logme", f"logme-s{s}", s, w_lr, cfg.epochs) for s in seeds]
+        extra["logme"] = {"pool_size": int(len(pool)), "pool_scored": int(len(sample)), "score": float(max(scores)),
+                          "seconds": round(logme_seconds, 2)}
+        print(f"[search] LogME scored {len(sample)} of {len(pool)} pool models in {logme_seconds:.1f}s", flush=True)
+    if cfg.oracle:
+        base_specs["oracle"] = [spec_of(rows[c.model_id], "oracle", f"oracle{i}-s{s}", s, w_lr, cfg.epochs, cand=c)
+                                for i, c in enumerate(result.candidates) for s in seeds]
+
+    # a network trained the same way twice is trained once: share results by TrialSpec.key()
+    done = {r.spec.key(): r for r in cand_results if r.status == "finished"}
+    todo: dict[tuple, TrialSpec] = {}
+    for specs in base_specs.values():
+        for s in specs:
+            if s.key() not in done and s.key() not in todo:
+                todo[s.key()] = s
+    print(f"[search] baselines: {len(todo)} fine-tune(s) to run "
+          f"({sum(len(v) for v in base_specs.values()) - len(todo)} shared)", flush=True)
+    base_results = run_trials(storage, run_dir, "baselines", list(todo.values()), data, cfg, asha=False)
+    for r in base_results:
+        done.setdefault(r.spec.key(), r)
+    baselines = {}
+    for name, specs in base_specs.items():
+        results = [replace(done[s.key()], spec=s) if s.key() in done else TrialResult(s, "failed", error="not run")
+                   for s in specs]
+        if name == "oracle":
+            cands = summarise_candidates(results)
+            ok = [c for c in cands if c["test_accuracy"] is not None]
+            best = max(ok, key=lambda c: c["test_accuracy"]) if ok else None
+            baselines["oracle"] = {"test_accuracy": best and best["test_accuracy"], "std": best and best["test_std"],
+                                   "n": len(seeds), "models": [best["model_id"]] if best else [],
+                                   "epoch_accuracy": best["epoch_accuracy"] if best else [],
+                                   "candidates_finetuned": len(cands)}
+            # every top-k candidate now has a fine-tuned result: show them all in the report
+            known = {c["model_id"] for c in candidates}
+            candidates += [c for c in cands if c["model_id"] not in known]
+            continue
+        baselines[name] = baseline_entry(results, **extra.get(name, {}))
+
+    # -- the winner: export, re-measure, check the constraints
+    win_trials = [r for r in cand_results if r.spec.model_id == winner["model_id"] and r.spec.lr == w_lr
+                  and r.status != "failed"]
+    model_uri, measured = _export_winner(storage, run_dir, win_trials[0], data, image_size, winner, info)
+    for key, limit in (("n_params", cfg.max_params), ("flops", cfg.max_flops)):
+        if limit and measured[key] > limit:
+            raise SearchError(f"the exported winner has {key}={measured[key]} > {limit}: the zoo's measurement "
+                              "and the export disagree (a bug; please report it)")
+    order = {c.model_id: i for i, c in enumerate(result.candidates)}
+    for c in result.candidates:  # retrieved but not fine-tuned candidates are listed too
+        if c.model_id not in {x["model_id"] for x in candidates}:
+            candidates.append({"model_id": c.model_id, "task": c.task, "n_params": c.n_params, "flops": c.flops,
+                               "lr": None, "similarity": c.similarity, "predicted_accuracy": c.predicted_accuracy,
+                               "val_accuracy": None, "test_accuracy": None, "test_std": None, "epoch_accuracy": [],
+                               "epoch_val_accuracy": [], "seeds": 0, "status": "not fine-tuned", "errors": [],
+                               "trials": []})
+    candidates.sort(key=lambda c: order.get(c["model_id"], 1 << 30))
+    winner_trials = [r for r in cand_results if r.spec.model_id == winner["model_id"] and r.spec.lr == w_lr]
+    report = {
+        "dataset": {"src": cfg.dataset, "task": task, "how": how, "classes": len(data.classes),
+                    "train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "constraints": {k: v for k, v in constraints.items()},
+        "space": {"run": info["run"], "zoo": zoo, "uri": info["uri"]},
+        "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "epochs": cfg.epochs, "seeds": cfg.seeds,
+                     "lrs": list(cfg.lrs), "batch_size": cfg.batch_size, "asha": cfg.asha, "seed": cfg.seed},
+        "search_seconds": round(time.perf_counter() - t_start, 1),
+        "selection_seconds": {"tans": round(tans_seconds, 3), "logme": None if logme_seconds is None else round(logme_seconds, 3)},
+        "retrieval_note": result.note,
+        "candidates": candidates,
+        "winner": {**winner, "model_uri": model_uri, "measured": measured},
+        "winner_result": baseline_entry(winner_trials),
+        "baselines": baselines,
+        "failed_trials": [{"trial": r.spec.trial, "model_id": r.spec.model_id, "error": r.error}
+                          for r in [*cand_results, *base_results] if r.status == "failed"],
+        "config": to_dict(cfg),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    storage.write_text(f"{run_dir}/report.md", report_markdown(report))
+    with tempfile.TemporaryDirectory() as tmp:
+        png = os.path.join(tmp, "report.png")
+        plot_report(report, png)
+        with open(png, "rb") as f:
+            storage.write_bytes(f"{run_dir}/report.png", f.read())
+    storage.write_json(f"{run_dir}/report.json", report)  # last: marks the search as finished
+    print(report_markdown(report).split("## Candidates")[0].rstrip())
+    print(f"[search] done in {report['search_seconds']:.0f}s -> {storage.uri_of(run_dir)}", flush=True)
+    return report
+
+
+def _export_winner(storage: Storage, run_dir: str, trial: TrialResult, data, image_size: int, winner: dict,
+                   info: dict) -> tuple[str, dict]:
+    import io
+
+    import torch
+
+    from tans.export import export_model
+    from tans.finetune import build_structure, model_size
+    from tans.subnets import Arch
+
+    spec = trial.spec
+    arch = Arch.from_dict(spec.arch)
+    model = build_structure(spec.family, arch, len(data.classes))
+    fs, path = storage.fs, trial.checkpoint
+    with fs.open_input_stream(f"{path}/model.pt") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    n_params, flops = model_size(model, image_size)
+    uri = export_model(storage, f"{run_dir}/model", model, spec.family, arch, data.classes, image_size,
+                       extra={"model_id": spec.model_id, "zoo_task": spec.task, "space": info["run"],
+                              "val_accuracy": winner["val_accuracy"], "test_accuracy": trial.final_test,
+                              "seed": spec.seed, "lr": spec.lr, "epochs": spec.epochs})
+    return uri, {"n_params": int(n_params), "flops": int(flops)}
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tans search", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="search config YAML (default: configs/search/local.yaml)")
+    p.add_argument("--dataset", help="ImageFolder dir (local or s3://), builtin:<task>, or a task in the root")
+    p.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
+    p.add_argument("--space", help="space URI or run name (default: <root>/spaces/LATEST)")
+    p.add_argument("--max-params", type=int, help="largest number of parameters allowed")
+    p.add_argument("--max-flops", type=int, help="largest number of FLOPs allowed")
+    p.add_argument("--top-k", type=int, help="candidates to retrieve")
+    p.add_argument("--finetune", type=int, help="of those, how many to fine-tune")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs")
+    p.add_argument("--seeds", type=int, help="repeat every fine-tune with this many seeds")
+    p.add_argument("--oracle", action="store_true", help="also fine-tune every top-k candidate")
+    p.add_argument("--name", help="the run's name under searches/")
+    p.add_argument("--force", action="store_true", help="redo a finished search")
+    overrides, rest = split_overrides(argv)
+    args = p.parse_args(rest)
+    flags = {"dataset": args.dataset, "root": args.root, "space": args.space, "max_params": args.max_params,
+             "max_flops": args.max_flops, "top_k": args.top_k, "finetune": args.finetune, "epochs": args.epochs,
+             "seeds": args.seeds, "name": args.name}
+    args.overrides = overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    args.overrides += (["oracle=true"] if args.oracle else []) + (["force=true"] if args.force else [])
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    cfg: SearchConfig = load_job_config("search", args.config, args.overrides)
+    search(cfg, Storage(cfg.root or None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

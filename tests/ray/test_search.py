@@ -1,0 +1,139 @@
+"""`tans search` end to end on the tiny zoo and space: Tune trials, baselines, report, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import tans
+from tans.reader import load_task_tensors
+from tans.storage import Storage
+from tests.conftest import REPO, run_cli
+
+CFG = "configs/search/tiny.yaml"
+TASK = "clipart_0_9"  # meta_test of the tiny splits: never seen by the zoo or the space
+
+
+def _search(root, *args, env=None, timeout=900):
+    return run_cli("search", "--config", CFG, "--root", str(root), "--dataset", TASK, *args, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_space):
+    root, _ = tiny_space
+    idx = Storage(str(root)).read_parquet("spaces/tiny/index.parquet")
+    limit = int(np.median(idx.column("n_params").to_numpy()))
+    proc = _search(root, "--max-params", str(limit), "--name", "s1", "--oracle")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, limit, proc
+
+
+@pytest.mark.timeout(2400)
+def test_report_schema_winner_and_constraints(searched):
+    root, limit, proc = searched
+    run = root / "searches" / "s1"
+    report = json.loads((run / "report.json").read_text())
+    for key in ("dataset", "constraints", "search_seconds", "selection_seconds", "candidates", "winner", "baselines"):
+        assert key in report, key
+    assert report["constraints"]["max_params"] == limit
+    assert report["dataset"]["task"] == TASK and report["dataset"]["val"] > 0
+    assert set(report["selection_seconds"]) == {"tans", "logme"} and report["selection_seconds"]["logme"] > 0
+    for cand in report["candidates"]:
+        for key in ("model_id", "task", "n_params", "flops", "similarity", "predicted_accuracy", "val_accuracy",
+                    "test_accuracy", "epoch_accuracy", "status"):
+            assert key in cand, key
+        assert cand["n_params"] <= limit
+    tuned = [c for c in report["candidates"] if c["status"] == "finished" and c["trials"][0].startswith("cand")]
+    assert len(tuned) == 2 and all(len(c["epoch_accuracy"]) == 2 for c in tuned)
+    winner = report["winner"]
+    assert winner["val_accuracy"] == max(c["val_accuracy"] for c in tuned)  # chosen on validation
+    assert winner["measured"]["n_params"] <= limit and winner["measured"]["n_params"] == winner["n_params"]
+    names = set(report["baselines"])
+    assert {"scratch", "scratch_matched", "generic", "random", "nearest_dataset", "logme", "oracle"} <= names
+    assert report["baselines"]["random"]["n"] == 2  # two random models, one seed each
+    assert report["baselines"]["scratch_matched"]["epochs"] == 2 * 2
+    oracle = report["baselines"]["oracle"]["test_accuracy"]
+    assert oracle >= max(c["test_accuracy"] for c in tuned) - 1e-9
+    assert "| **TANS pick** |" in (run / "report.md").read_text()
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "tune").rglob("events.out.tfevents.*"))  # trial curves for TensorBoard
+    assert "TANS pick" in proc.stdout
+
+    # the exported winner reproduces its reported test accuracy
+    loaded = tans.load_model(str(run / "model"))
+    test = load_task_tensors(Storage(str(root)), TASK, "test", loaded.image_size)
+    n = report["dataset"]["test"]
+    assert n == len(test)
+    acc = float((loaded.predict(test.images) == test.labels.numpy()).mean())
+    assert acc == pytest.approx(report["winner_result"]["test_accuracy"], abs=1e-9)
+
+    again = _search(root, "--max-params", str(limit), "--name", "s1", "--oracle")
+    assert again.returncode == 0 and "reusing the finished search" in again.stdout
+
+
+@pytest.mark.timeout(1800)
+def test_a_failing_trial_does_not_fail_the_search(searched):
+    root, limit, _ = searched
+    first = json.loads((root / "searches" / "s1" / "report.json").read_text())["candidates"][0]["model_id"]
+    proc = _search(root, "--max-params", str(limit), "--name", "s2", "baselines=[random]",
+                   env={"TANS_SEARCH_FAIL_MODEL": first})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((root / "searches" / "s2" / "report.json").read_text())
+    failed = {c["model_id"]: c["status"] for c in report["candidates"]}
+    assert failed[first] == "failed"
+    assert report["winner"]["model_id"] != first
+    assert any(f["model_id"] == first for f in report["failed_trials"])
+
+
+@pytest.mark.timeout(1800)
+def test_an_interrupted_search_resumes(tiny_space):
+    root, _ = tiny_space
+    cmd = [sys.executable, "-m", "tans.cli", "search", "--config", CFG, "--root", str(root), "--dataset", TASK,
+           "--name", "s3", "epochs=4", "baselines=[scratch]"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=os.environ.copy())
+    tune_dir = root / "searches" / "s3" / "tune" / "candidates"
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and not list(tune_dir.rglob("checkpoint_*")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        assert list(tune_dir.rglob("checkpoint_*")), "no trial checkpoint appeared"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray: an abrupt interruption
+        proc.wait(timeout=60)
+    assert not (root / "searches" / "s3" / "report.json").exists()
+    resumed = run_cli("search", "--config", CFG, "--root", str(root), "--dataset", TASK, "--name", "s3", "epochs=4",
+                      "baselines=[scratch]", timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming the interrupted candidates run" in resumed.stdout
+    report = json.loads((root / "searches" / "s3" / "report.json").read_text())
+    assert all(len(c["epoch_accuracy"]) == 4 for c in report["candidates"] if c["status"] == "finished")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--dataset", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--dataset", "no_such_task"], "no_such_task"),
+        (["--dataset", TASK, "--max-params", "10"], "smallest model"),
+        (["--dataset", TASK, "--top-k", "2", "--finetune", "3"], "finetune"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_no_search(tiny_space, args, needle):
+    root, _ = tiny_space
+    before = set(os.listdir(root / "searches")) if (root / "searches").exists() else set()
+    proc = run_cli("search", "--config", CFG, "--root", str(root), "--name", "bad", *args, timeout=300)
+    errors = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert not (root / "searches" / "bad").exists()
+    after = set(os.listdir(root / "searches")) if (root / "searches").exists() else set()
+    assert after == before
