@@ -20,7 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # count them only once loaded, so light commands never import torch just to catch them.
     extra = []
     for module, name in (("tans.supernets", "SupernetError"), ("tans.encoders", "SpaceError"),
-                         ("tans.features", "ExtractorError"), ("tans.search", "SearchError"),
+                         ("tans.features", "ExtractorError"), ("tans.search_core", "SearchError"),
                          ("tans.export", "ModelLoadError")):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):

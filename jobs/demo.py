@@ -2,10 +2,11 @@
 
     python -m jobs.demo [--config configs/demo/local.yaml] [key=value ...]
 
-Stages that have landed so far: data (materialise every task the splits config names), the
-model zoo (`tans build-zoo` with the demo's zoo config) and the cross-modal space
-(`tans train-space` on that zoo); finished stages are reused. The search stage is added here
-when its issue lands; until then the demo says which stages it ran.
+Stages: data (materialise every task the splits config names), the model zoo (`tans build-zoo`
+with the demo's zoo config), the cross-modal space (`tans train-space` on that zoo), and one
+`tans search` (with --oracle) per meta_test task under the demo's constraints. Finished stages
+and searches are reused, so a second run only prints the table. The table (test accuracy %,
+mean ± std over seeds where repeated) goes to stdout and <root>/demo/table.md.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from tans.job_configs import DemoConfig, load_job_config, load_splits
 from tans.storage import Storage
 from tans.tasks import read_task_info, task_exists
 
-PENDING_STAGES = ["search"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,18 +69,76 @@ def main(argv: list[str]) -> int:
         code = build_zoo.main(["--config", cfg.zoo, f"root={storage.uri}", f"splits={cfg.splits}"])
         if code:
             return code
+    space_name = ""
     if cfg.zoo and cfg.space:
         from jobs import train_space
 
         zoo_name = load_job_config("zoo", cfg.zoo).name
-        code = train_space.main(["--config", cfg.space, f"root={storage.uri}", f"splits={cfg.splits}", f"zoo={zoo_name}"])
-        if code:
-            return code
-    ran = "data, zoo and space stages" if cfg.zoo and cfg.space else "data and zoo stages" if cfg.zoo else "data stage"
-    print(f"[demo] ran the {ran}: stages {', '.join(PENDING_STAGES)} have not landed yet "
-          "(see the open issues); they will run here once they do.")
+        space_cfg = load_job_config("space", cfg.space, [f"root={storage.uri}", f"splits={cfg.splits}", f"zoo={zoo_name}"])
+        train_space.train_space(space_cfg, storage)
+        space_name = space_cfg.name
+    if not (cfg.zoo and cfg.space and cfg.search):
+        print("[demo] ran the stages its config names (zoo, space and search are needed for the table)")
+        return 0
+    rows = run_search_stage(storage, cfg, space_name)
+    print()
+    print(format_demo_table(rows))
+    storage.write_json("demo/table.json", rows)
+    storage.write_text("demo/table.md", format_demo_table(rows) + "\n")
+    print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; table in {storage.uri_of('demo/table.md')}, "
+          f"reports in {storage.uri_of('searches')}")
     return 0
 
+
+COLUMNS = [("TANS pick", "tans"), ("scratch", "scratch"), ("scratch (matched compute)", "scratch_matched"),
+           ("generic", "generic"), ("random", "random"), ("nearest", "nearest_dataset"), ("LogME", "logme"),
+           ("oracle", "oracle")]
+
+
+def run_search_stage(storage: Storage, cfg: DemoConfig, space: str) -> list[dict]:
+    """One search per meta_test task (finished searches are reused); a row of the table each."""
+    from jobs import search as search_job
+
+    splits = load_splits(cfg.splits)
+    rows = []
+    for i, task in enumerate(splits.meta_test):
+        print(f"[demo] search {i + 1}/{len(splits.meta_test)}: {task}", flush=True)
+        overrides = [f"root={storage.uri}", f"space={storage.uri_of('spaces/' + space)}", f"dataset={task}",
+                     "oracle=true", f"name=demo-{task}"]
+        if cfg.max_params:
+            overrides.append(f"max_params={cfg.max_params}")
+        if cfg.max_flops:
+            overrides.append(f"max_flops={cfg.max_flops}")
+        report = search_job.search(load_job_config("search", cfg.search, overrides), storage)
+        row = {"dataset": task, "search_seconds": report["search_seconds"], "winner": report["winner"]["model_id"],
+               "tans": report["winner_result"]}
+        row.update({name: report["baselines"].get(name) for _, name in COLUMNS[1:]})
+        rows.append(row)
+    return rows
+
+
+def _fmt(entry) -> str:
+    if not entry or entry.get("test_accuracy") is None:
+        return "—"
+    s = f"{100 * entry['test_accuracy']:.1f}"
+    return s + (f"±{100 * entry['std']:.1f}" if entry.get("n", 1) > 1 and entry.get("std") else "")
+
+
+def format_demo_table(rows: list[dict]) -> str:
+    """dataset | TANS pick | baselines ... | search time, test accuracy in %, plus a mean row."""
+    head = "| dataset | " + " | ".join(c for c, _ in COLUMNS) + " | search time |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | " + " | ".join(_fmt(r[k]) for _, k in COLUMNS)
+                     + f" | {r['search_seconds']:.0f} s |")
+    if len(rows) > 1:
+        means = []
+        for _, k in COLUMNS:
+            vals = [r[k]["test_accuracy"] for r in rows if r.get(k) and r[k].get("test_accuracy") is not None]
+            means.append(f"{100 * sum(vals) / len(vals):.1f}" if vals else "—")
+        total = sum(r["search_seconds"] for r in rows)
+        lines.append("| **mean** | " + " | ".join(means) + f" | {total:.0f} s total |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     sys.exit(run_main(main))

@@ -37,7 +37,7 @@ import numpy as np
 from jobs._common import run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import SearchConfig, load_job_config
-from tans.search import (
+from tans.search_core import (
     SearchError,
     TrialResult,
     TrialSpec,

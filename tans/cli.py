@@ -16,14 +16,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-zoo": ("jobs.build_zoo", "pretrain the base supernet, fine-tune per task, measure subnets -> zoo"),
     "zoo": ("jobs.zoo", "inspect a built zoo: `tans zoo stats [--json]`"),
     "train-space": ("jobs.train_space", "query features (Ray Data) + the cross-modal space (Ray Train) -> index"),
+    "search": ("jobs.search", "retrieve under constraints, fine-tune the best few (Ray Tune), baselines, report"),
+    "predict": ("jobs.predict", "label a dataset with an exported model (Ray Data actor pool) -> Parquet"),
+    "serve": ("jobs.serve", "the online retriever over HTTP (Ray Serve) on 127.0.0.1: `tans serve [--space URI]`"),
     "demo": ("jobs.demo", "the whole pipeline end to end on the built-in corpus, on a local Ray"),
 }
 
 # Stages whose issues have not landed yet: say so instead of "unknown command".
 PLANNED = {
-    "search": "search and fine-tuning (issue: search)",
-    "predict": "batch inference with an exported model (issue: search)",
-    "serve": "the online retriever (issue: serving)",
 }
 
 

@@ -47,6 +47,9 @@ class DemoConfig:
     splits: str = "configs/splits/default.yaml"  # which tasks play which role
     zoo: str = "configs/zoo/local.yaml"  # the zoo config the demo builds ("" skips the zoo stage)
     space: str = "configs/space/local.yaml"  # the space config it trains on that zoo ("" skips it)
+    search: str = "configs/search/local.yaml"  # the search config used on every meta_test task
+    max_params: int = 0  # the demo's constraint on every search (0: none)
+    max_flops: int = 0
     data: IngestConfig = field(default_factory=IngestConfig)
 
 

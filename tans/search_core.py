@@ -315,10 +315,12 @@ def report_markdown(report: dict) -> str:
         models = ", ".join(f"`{m}`" for m in b.get("models", [])[:3])
         lines.append(f"| {name} | {models} | {_cell(b)} |")
     sel = report["selection_seconds"]
+    logme = report["baselines"].get("logme")
+    logme_time = (f", LogME {sel['logme']:.2f} s (scoring {logme.get('pool_scored', 0)} of {logme.get('pool_size', 0)} "
+                  "pool models)") if sel.get("logme") is not None and logme else ""
     lines += [
         "",
-        f"Search wall time {report['search_seconds']:.0f} s; selection time: TANS {sel['tans']:.2f} s, "
-        f"LogME {sel.get('logme', float('nan')):.2f} s (over {report['baselines'].get('logme', {}).get('pool_scored', 0)} models).",
+        f"Search wall time {report['search_seconds']:.0f} s; selection time: TANS {sel['tans']:.2f} s{logme_time}.",
         "",
         "## Candidates (retrieved, best predicted first)",
         "",
@@ -357,3 +359,44 @@ def plot_report(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+class SearchReport:
+    """A finished search's report.json as an object (what ``tans.search(...)`` returns)."""
+
+    def __init__(self, report: dict):
+        self.raw = report
+
+    @property
+    def winner(self) -> dict:
+        return self.raw["winner"]
+
+    @property
+    def model_uri(self) -> str:
+        return self.raw["winner"]["model_uri"]
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.raw["winner_result"]["test_accuracy"]
+
+    @property
+    def baselines(self) -> dict:
+        return self.raw["baselines"]
+
+    @property
+    def candidates(self) -> list[dict]:
+        return self.raw["candidates"]
+
+    def load_model(self, device: str = "cpu"):
+        """The exported winner, ready to predict (see :func:`tans.export.load_model`)."""
+        from tans.export import load_model
+
+        return load_model(self.model_uri, device=device)
+
+    def to_markdown(self) -> str:
+        return report_markdown(self.raw)
+
+    def __repr__(self) -> str:
+        w = self.winner
+        return (f"SearchReport(task={self.raw['dataset']['task']!r}, winner={w['model_id']!r}, "
+                f"test_accuracy={self.test_accuracy}, n_params={w['n_params']})")

@@ -79,7 +79,8 @@ def test_launcher_has_autoscaling_spot_gpu_workers_and_a_private_dashboard(path)
 
 
 def _cluster_spec(doc):
-    return doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    return {"RayJob": lambda: doc["spec"]["rayClusterSpec"], "RayService": lambda: doc["spec"]["rayClusterConfig"]}.get(
+        doc["kind"], lambda: doc["spec"])()
 
 
 @pytest.mark.parametrize("path", K8S, ids=lambda p: p.name)
@@ -113,3 +114,52 @@ def test_submit_runtime_env_excludes_the_heavy_paths():
         assert path in env["excludes"]
     readme = (CLUSTER / "README.md").read_text()
     assert "RAY_AUTH_MODE=token" in readme and "--runtime-env cluster/runtime_env.yaml" in readme
+
+
+RAYSERVICE = CLUSTER / "k8s" / "rayservice.yaml"
+
+
+def test_rayservice_serve_config_is_serve_config_yaml():
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load(RAYSERVICE.read_text())
+    assert doc["kind"] == "RayService"
+    config_text = (REPO / "serve" / "config.yaml").read_text()
+    embedded = doc["spec"]["serveConfigV2"]
+    assert yaml.safe_load(embedded) == yaml.safe_load(config_text)
+    assert embedded.strip() == config_text.strip(), "paste serve/config.yaml into serveConfigV2 verbatim"
+    ServeDeploySchema.model_validate(yaml.safe_load(embedded))
+    assert "host" not in str(yaml.safe_load(embedded).get("http_options", {}))
+
+
+def test_rayservice_versions_match_the_ray_pin_and_the_head_stays_private():
+    doc = yaml.safe_load(RAYSERVICE.read_text())
+    spec = doc["spec"]["rayClusterConfig"]
+    assert spec["rayVersion"].startswith(ray_minor() + ".")
+    tags = {i.split(":", 1)[1] for i in images(doc) if i.startswith("rayproject/ray:")}
+    assert tags and all(t.split("-")[0] == spec["rayVersion"] for t in tags), tags
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert "dashboard-host" not in spec["headGroupSpec"].get("rayStartParams", {})  # KubeRay's default, in-cluster
+    gpu = [g for g in spec["workerGroupSpecs"] if "gpu" in g["groupName"]]
+    assert gpu and gpu[0]["minReplicas"] == 0 and gpu[0]["maxReplicas"] > 0
+
+
+def _env_entries(node) -> list[dict]:
+    if isinstance(node, dict):
+        return list(node.get("env", [])) + [e for v in node.values() for e in _env_entries(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in _env_entries(v)]
+    return []
+
+
+def test_rayservice_has_no_inline_secrets():
+    doc = yaml.safe_load(RAYSERVICE.read_text())
+    envs = _env_entries(doc)
+    token = [e for e in envs if e["name"] == "TANS_SERVE_TOKEN"]
+    assert token and all("value" not in e and "secretKeyRef" in e["valueFrom"] for e in token)
+    for e in envs:
+        if re.search(r"TOKEN|SECRET|PASSWORD|KEY", e["name"]):
+            assert "value" not in e, f"{e['name']} is set inline; use a Secret (valueFrom.secretKeyRef)"
+    text = RAYSERVICE.read_text()
+    assert not re.search(r"(?i)authorization:\s*bearer\s+\S", text)
+    assert all(m == "..." for m in re.findall(r"from-literal=token=([^\s`]*)", text))  # a placeholder, not a token

@@ -71,11 +71,16 @@ def test_report_schema_winner_and_constraints(searched):
     test = load_task_tensors(Storage(str(root)), TASK, "test", loaded.image_size)
     n = report["dataset"]["test"]
     assert n == len(test)
-    acc = float((loaded.predict(test.images) == test.labels.numpy()).mean())
+    acc = float((loaded.predict(test.images) == test.labels).float().mean())
     assert acc == pytest.approx(report["winner_result"]["test_accuracy"], abs=1e-9)
 
     again = _search(root, "--max-params", str(limit), "--name", "s1", "--oracle")
     assert again.returncode == 0 and "reusing the finished search" in again.stdout
+
+    # the Python API returns the same report as an object (a finished search is reused)
+    api = tans.search(TASK, root=str(root), config=CFG, max_params=limit, name="s1", oracle=True)
+    assert api.winner["model_id"] == winner["model_id"] and api.test_accuracy == pytest.approx(acc, abs=1e-6)
+    assert api.load_model().classes == loaded.classes
 
 
 @pytest.mark.timeout(1800)

@@ -1,0 +1,190 @@
+"""HTTP load on the Serve app: latency and throughput at 1, 4 and 16 clients, batching on and off.
+
+    python bench/serve_load.py [--seconds 4] [--max-requests 120] [--pairs 10] [--classes 5]
+                               [--per-class 10] [--space URI]
+
+Starts a local Ray and Serve on 127.0.0.1 (a free port), deploys serve/config.yaml with one replica
+per deployment (no autoscaling, so the rows compare like with like) over a tiny random space
+(serve/toy.py; or ``--space``), and sends one fixed query (``--classes`` x ``--per-class`` PNG
+images at the extractor's size, base64 JSON) from N client threads. Each cell runs for at most
+``--seconds`` and ``--max-requests``. Batching is switched by reconfiguring the Encoder's
+user_config in place (no restart). The ratio: ``--pairs`` single HTTP requests alternating with
+``Retriever.retrieve_images`` on the same images in a Ray actor (one torch thread and the same
+niceness as the Encoder replica), medians of each. Everything listens on 127.0.0.1 and is shut
+down at the end."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as a script
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # an embedded Ray on loopback
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+CLIENTS = (1, 4, 16)
+ONE_REPLICA = {"num_replicas": 1, "autoscaling_config": None}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def load_cell(url: str, body: bytes, clients: int, seconds: float, max_requests: int) -> dict:
+    """``clients`` threads post ``body`` until ``seconds`` pass or ``max_requests`` are sent."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    sent = [0]
+    t_end = time.monotonic() + seconds
+
+    def client():
+        with requests.Session() as s:
+            while time.monotonic() < t_end:
+                with lock:
+                    if sent[0] >= max_requests:
+                        return
+                    sent[0] += 1
+                t0 = time.perf_counter()
+                r = s.post(url, data=body, headers={"content-type": "application/json"}, timeout=120)
+                dt = time.perf_counter() - t0
+                with lock:
+                    (latencies.append(dt) if r.status_code == 200 else errors.append(r.text[:200]))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": len(latencies), "errors": len(errors), "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99), "rps": len(latencies) / wall, "first_error": errors[0] if errors else ""}
+
+
+class InProcess:
+    """``Retriever.retrieve_images`` on the same images, one torch thread, without Serve in between.
+
+    Used as a Ray actor: Ray runs its workers (the Serve replicas too) at niceness 15, so timing
+    the library in the nice-0 driver would flatter it on a busy machine; an actor competes for
+    the CPUs exactly like the Encoder replica does.
+    """
+
+    def __init__(self, space_uri: str, images: np.ndarray, labels: np.ndarray):
+        from tans.retrieval import Retriever
+
+        torch.set_num_threads(1)
+        self.retriever = Retriever.load(space_uri)
+        self.images, self.labels = np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels
+        for _ in range(3):  # builds the extractor, warms up
+            self.retriever.retrieve_images(self.images, self.labels, k=10)
+
+    def seconds(self) -> float:
+        t0 = time.perf_counter()
+        self.retriever.retrieve_images(self.images, self.labels, k=10)
+        return time.perf_counter() - t0
+
+
+def lockstep_ratio(url: str, body: bytes, in_process, pairs: int) -> tuple[float, float]:
+    """Median (HTTP seconds, in-process seconds) over ``pairs`` alternating requests: both see the same load."""
+    import ray
+
+    http, lib = [], []
+    with requests.Session() as s:
+        for _ in range(pairs):
+            t0 = time.perf_counter()
+            r = s.post(url, data=body, headers={"content-type": "application/json"}, timeout=120)
+            http.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            lib.append(ray.get(in_process.seconds.remote()))
+    return statistics.median(http), statistics.median(lib)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4.0, help="at most this long per cell")
+    parser.add_argument("--max-requests", type=int, default=120, help="at most this many requests per cell")
+    parser.add_argument("--pairs", type=int, default=10, help="alternating HTTP / in-process pairs for the ratio")
+    parser.add_argument("--classes", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--space", default="", help="a trained space URI (default: a tiny random one)")
+    ns = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+
+    from serve.deploy import app_config, apply_config
+    from serve.toy import IMAGE_SIZE, make_toy_space, toy_images
+    from tans.tasks import encode_png
+
+    t_start = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="tans-serve-bench-"))
+    rows, ratios = [], {}
+    try:
+        space = ns.space or make_toy_space(str(workdir / "root"), "bench", seed=0, n_tasks=20, per_task=50)
+        root, run = space.rstrip("/").rsplit("/spaces/", 1)
+        images, labels = toy_images(ns.classes, ns.per_class, size=IMAGE_SIZE, seed=1)
+        body = json.dumps({"images": [base64.b64encode(encode_png(im)).decode() for im in images],
+                           "labels": labels.tolist(), "k": 10}).encode()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(workdir / "ray"))
+        in_process = ray.remote(num_cpus=0)(InProcess).remote(space, images, labels)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/v1/retrieve"
+        for batching in (True, False):
+            config = app_config(space=run, args={"root": root},
+                                deployments={"Encoder": {**ONE_REPLICA, "user_config": {"batching": batching}},
+                                             "Index": ONE_REPLICA, "Ingress": ONE_REPLICA})
+            apply_config(config)  # first: deploy; then: the Encoder reconfigures in place
+            load_cell(url, body, 2, 2.0, 10)  # warm-up
+            ratios["on" if batching else "off"] = lockstep_ratio(url, body, in_process, ns.pairs)
+            for clients in CLIENTS:
+                rows.append({"batching": "on" if batching else "off",
+                             **load_cell(url, body, clients, ns.seconds, ns.max_requests)})
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"\nquery: {len(labels)} images ({ns.classes} classes x {ns.per_class}, {IMAGE_SIZE} px PNG, "
+          f"{len(body) / 1024:.0f} KiB JSON), k=10; space {run} ({'given' if ns.space else '1,000 random models'}); "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'batching':>8} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} "
+          f"{'img/s':>7}")
+    for r in rows:
+        print(f"{r['batching']:>8} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['p50'] * 1e3:>8.1f} "
+              f"{r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f} {r['rps'] * len(labels):>7.0f}")
+    for r in rows:
+        if r["first_error"]:
+            print(f"first error ({r['batching']}, {r['clients']} clients): {r['first_error']}")
+    for mode, (t_http, t_lib) in ratios.items():
+        print(f"batching {mode}: HTTP p50 {t_http * 1e3:.1f} ms / in-process Retriever.retrieve_images p50 "
+              f"{t_lib * 1e3:.1f} ms = {t_http / t_lib:.2f} ({ns.pairs} alternating pairs, 1 client)")
+    print(f"total {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Ray Tune's parallel fine-tuning vs the same trials one by one, and what ASHA saves.
+
+    python bench/tune_parallel.py [--quick] [--cpus 2] [--trials 4] [--epochs 8] [--train 128] [--val 160]
+                                  [--asha-trials 8] [--asha-epochs 4] [--seeds 5] [--ray-niceness]
+
+Part 1 (parallel efficiency). ``--trials`` equal trials (same config: fine-tune ``ofa_mbv3_tiny``'s
+largest subnet at 32 px on a synthetic task with :func:`tans.finetune.finetune`, reporting every
+epoch with ``ray.tune.report``) run through a ``Tuner`` with ``tune.with_resources(.., {"cpu": 1})``,
+so ``k = min(trials, floor(cluster CPUs / CPUs per trial))`` run at once; every trial sets
+``torch.set_num_threads(1)``. The ratio is
+
+    wall time of ``Tuner.fit()``  /  (sum of the same trials run one by one / k)     (target <= 1.15)
+
+The baseline runs the same trial function in this process, one trial after another, on one
+thread, with a no-op report: it is the ideal that parallel Tune should reach, so the ratio counts
+*all* of Tune's costs (trial actors and their imports, the controller loop, result reporting and
+syncing, two trainings sharing caches and memory bandwidth). A baseline through Tune with
+``max_concurrent_trials=1`` would carry the same per-trial costs as the parallel run and hide them.
+Half the baseline trials run before the Tune run and half after, so a drift in the background
+load of a shared machine hits both sides alike. Ray starts its workers at niceness 15, which
+under other users' load gives a trial a fraction of the core the baseline (niceness 0) gets;
+that is a scheduling policy, not a cost of Tune, so workers here run at this process's niceness
+(``--ray-niceness`` keeps Ray's default). Trial actors are reused (``reuse_actors=True``): a
+fresh actor per trial re-imports torch and the library (~2-4 CPU-seconds each).
+
+Part 2 (ASHA). For each of ``--seeds`` seeds, ``--asha-trials`` trials with learning rates from a
+grid run twice through Tune: to the end (FIFO), and under
+``ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1, reduction_factor=2)``. Printed
+per seed: the share of epochs ASHA saved, each run's winner (best last-reported validation
+accuracy, ``ResultGrid.get_best_result(scope="last")``) and whether it is the same trial, and the
+regret: the full-run accuracy of the best trial minus that of ASHA's pick. Fine-tuning is
+deterministic on CPU, so a trial ASHA lets finish reports the same curve as in the full run (this
+is checked); ASHA's decisions depend on the order results arrive in, so they can vary run to run.
+
+Sized for ~6 minutes on an idle 2-core machine (``--quick``: ~2 minutes); timings on a shared
+machine vary by +-30%, and the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as a script
+
+FAMILY = "ofa_mbv3_tiny"
+IMAGE_SIZE = 32
+CLASSES = 6
+CPUS_PER_TRIAL = 1
+LR_GRID = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8]
+
+
+def synthetic_task(n: int, seed: int):
+    """``n`` 32 px images of 6 classes: class means on a small circle of colours around grey under
+    strong per-pixel noise, so a few epochs reach ~0.3-0.7 and learning rates are told apart."""
+    import torch
+
+    from tans.reader import TaskTensors
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randperm(n, generator=gen) % CLASSES
+    angle = torch.arange(CLASSES) * (2 * math.pi / CLASSES)
+    spread, noise = 30.0, 70.0
+    means = 128.0 + spread * torch.stack([torch.cos(angle), torch.sin(angle), -torch.cos(angle)], dim=1)
+    images = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * noise + means[labels][:, :, None, None]
+    return TaskTensors(images=images.clamp(0, 255).round().to(torch.uint8), labels=labels, num_classes=CLASSES)
+
+
+def run_trial(config: dict, report) -> tuple[float, float]:
+    """One fine-tuning trial; ``report(metrics)`` after every epoch. Returns its (wall, CPU) seconds."""
+    import torch
+
+    from tans.finetune import build_candidate, finetune
+    from tans.subnets import largest
+    from tans.supernets import get_family
+
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    torch.set_num_threads(1)
+    seed = int(config["seed"])
+    train = synthetic_task(config["train"], seed=1000 + seed)
+    val = synthetic_task(config["val"], seed=2000 + seed)
+    model = build_candidate(FAMILY, largest(get_family(FAMILY)), CLASSES, weights_uri=None, seed=seed)
+
+    def on_epoch(epoch, metrics, _model, _optimizer):
+        report({"val_accuracy": metrics["val_accuracy"], "train_loss": metrics["train_loss"],
+                "epochs_done": metrics["epochs_done"], "trial_seconds": time.perf_counter() - t0,
+                "trial_cpu_seconds": time.process_time() - cpu0, "pid": os.getpid()})
+
+    finetune(model, train, val, None, epochs=config["epochs"], batch_size=32, lr=config["lr"], seed=seed,
+             on_epoch=on_epoch)
+    return time.perf_counter() - t0, time.process_time() - cpu0
+
+
+def tune_trial(config: dict) -> None:
+    """The Ray Tune trainable: :func:`run_trial` reporting through ``ray.tune.report``."""
+    import ray.tune
+
+    run_trial(config, ray.tune.report)
+
+
+def tune_run(config: dict, storage: str, name: str, num_samples: int = 1, scheduler=None):
+    """``Tuner.fit()`` of :func:`tune_trial` on 1 CPU per trial; returns ``(ResultGrid, seconds)``."""
+    from ray import tune
+
+    tuner = tune.Tuner(
+        tune.with_resources(tune_trial, {"cpu": CPUS_PER_TRIAL}),
+        param_space=config,
+        # an ASHA scheduler carries the metric and mode itself (Tune refuses them twice)
+        tune_config=tune.TuneConfig(metric=None if scheduler else "val_accuracy", mode=None if scheduler else "max",
+                                    scheduler=scheduler, num_samples=num_samples, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+    )
+    t0 = time.perf_counter()
+    results = tuner.fit()
+    seconds = time.perf_counter() - t0
+    print(f"[bench] {name}: {len(results)} trial(s) in {seconds:.1f}s", file=sys.stderr, flush=True)
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} trial(s) failed, first: {results.errors[0]}")
+    return results, seconds
+
+
+def parallel_efficiency(args, storage: str, cpus: float) -> dict:
+    config = {"lr": 0.2, "seed": 0, "epochs": args.epochs, "train": args.train, "val": args.val}
+    at_once = min(args.trials, int(cpus // CPUS_PER_TRIAL))
+    before = args.trials // 2
+    runs = [run_trial(config, lambda metrics: None) for _ in range(before)]
+    print(f"[bench] sequential: {before} trial(s) in {sum(r[0] for r in runs):.1f}s", file=sys.stderr, flush=True)
+    results, wall = tune_run(config, storage, "parallel", num_samples=args.trials)
+    runs += [run_trial(config, lambda metrics: None) for _ in range(args.trials - before)]
+    sequential = [r[0] for r in runs]
+    ideal = sum(sequential) / at_once
+    return {"wall": wall, "sequential": sequential, "sequential_cpu": [r[1] for r in runs],
+            "inside": [r.metrics["trial_seconds"] for r in results],
+            "inside_cpu": [r.metrics["trial_cpu_seconds"] for r in results],
+            "actors": len({r.metrics["pid"] for r in results}), "at_once": at_once, "ideal": ideal,
+            "ratio": wall / ideal}
+
+
+def _by_lr(results) -> dict[float, dict]:
+    out = {}
+    for r in results:
+        history = r.metrics_dataframe
+        out[float(r.config["lr"])] = {"epochs": int(r.metrics["epochs_done"]), "last": float(r.metrics["val_accuracy"]),
+                                      "curve": [float(v) for v in history["val_accuracy"]]}
+    return out
+
+
+def asha_sweep(args, storage: str, seeds: list[int]) -> list[dict]:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    lrs = LR_GRID[:: max(1, len(LR_GRID) // args.asha_trials)][: args.asha_trials]
+    rows = []
+    for seed in seeds:
+        config = {"lr": tune.grid_search(lrs), "seed": seed, "epochs": args.asha_epochs, "train": args.train,
+                  "val": args.val}
+        full, full_s = tune_run(config, storage, f"fifo-{seed}")
+        asha = ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1, reduction_factor=2,
+                             max_t=args.asha_epochs)
+        early, early_s = tune_run(config, storage, f"asha-{seed}", scheduler=asha)
+        f, e = _by_lr(full), _by_lr(early)
+        win_full = float(full.get_best_result(metric="val_accuracy", mode="max", scope="last").config["lr"])
+        win_asha = float(early.get_best_result(metric="val_accuracy", mode="max", scope="last").config["lr"])
+        best = max(v["last"] for v in f.values())
+        same_curves = all(e[lr]["curve"] == f[lr]["curve"][: len(e[lr]["curve"])] for lr in lrs)
+        rows.append({"seed": seed, "epochs_full": sum(v["epochs"] for v in f.values()),
+                     "epochs_asha": sum(v["epochs"] for v in e.values()), "win_full": win_full, "win_asha": win_asha,
+                     "acc_full": f[win_full]["last"], "regret": best - f[win_asha]["last"], "same_curves": same_curves,
+                     "seconds_full": full_s, "seconds_asha": early_s,
+                     "finished": sum(v["epochs"] == args.asha_epochs for v in e.values())})
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller, faster run (~2 minutes)")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--trials", type=int, default=4, help="equal trials of part 1")
+    parser.add_argument("--epochs", type=int, help="epochs per trial of part 1 [8; quick 4]")
+    parser.add_argument("--train", type=int, help="training images per trial [128; quick 96]")
+    parser.add_argument("--val", type=int, help="validation images per trial [160; quick 128]")
+    parser.add_argument("--asha-trials", type=int, help="trials per seed of part 2 (learning-rate grid) [8; quick 4]")
+    parser.add_argument("--asha-epochs", type=int, default=4, help="epochs per trial of part 2 (ASHA's max_t) [4]")
+    parser.add_argument("--seeds", type=int, help="seeds of part 2 [5; quick 2]")
+    parser.add_argument("--ray-niceness", action="store_true", help="keep Ray's worker niceness (15)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.epochs = args.epochs or (4 if quick else 8)
+    args.train = args.train or (96 if quick else 128)
+    args.val = args.val or (128 if quick else 160)
+    args.asha_trials = args.asha_trials or (4 if quick else 8)
+    args.seeds = args.seeds or (2 if quick else 5)
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # listeners on 127.0.0.1; read when ray is imported
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    if not args.ray_niceness:
+        os.environ["RAY_worker_niceness"] = str(os.getpriority(os.PRIO_PROCESS, 0))
+    import torch
+
+    torch.set_num_threads(1)
+    import ray
+
+    t_start = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        cpus = float(ray.cluster_resources().get("CPU", args.cpus))
+        with tempfile.TemporaryDirectory(prefix="tans-bench-tune-") as storage:
+            load_before = os.getloadavg()[0]
+            p = parallel_efficiency(args, storage, cpus)
+            sweep = asha_sweep(args, storage, list(range(args.seeds)))
+            load_after = os.getloadavg()[0]
+    finally:
+        ray.shutdown()
+    total = time.perf_counter() - t_start
+
+    print(f"\n{FAMILY} largest subnet, {IMAGE_SIZE}px, {args.train} train / {args.val} val synthetic images, "
+          f"batch 32, 1 thread per trial; Ray with {cpus:g} CPUs, 1 CPU per trial, reuse_actors=True, "
+          f"worker niceness {'15 (Ray default)' if args.ray_niceness else os.environ['RAY_worker_niceness']}")
+    print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after; whole bench {total:.0f}s\n")
+    print(f"part 1: {args.trials} equal trials x {args.epochs} epochs, {p['at_once']} at once")
+    print("| measure | seconds |")
+    print("| --- | --- |")
+    print(f"| sequential in-process, per trial (median of {len(p['sequential'])}) | "
+          f"{statistics.median(p['sequential']):.1f} "
+          f"(min {min(p['sequential']):.1f}, max {max(p['sequential']):.1f}) |")
+    print(f"| sum of sequential / {p['at_once']} (ideal) | {p['ideal']:.1f} |")
+    print(f"| inside Tune, per trial (median of {len(p['inside'])}; {p['actors']} trial actor(s)) | "
+          f"{statistics.median(p['inside']):.1f} (min {min(p['inside']):.1f}, max {max(p['inside']):.1f}) |")
+    print(f"| CPU seconds per trial: in-process / inside Tune (medians) | "
+          f"{statistics.median(p['sequential_cpu']):.1f} / {statistics.median(p['inside_cpu']):.1f} |")
+    print(f"| Tuner.fit() wall | {p['wall']:.1f} |")
+    print(f"\nratio Tune wall / ideal = {p['ratio']:.3f}  (target <= 1.15)\n")
+
+    print(f"part 2: ASHA (grace 1, reduction 2, max_t {args.asha_epochs}) vs all trials to the end; "
+          f"{len(LR_GRID[:: max(1, len(LR_GRID) // args.asha_trials)][: args.asha_trials])} learning rates per seed")
+    print("| seed | epochs full | epochs ASHA | saved | finished | winner full (acc) | winner ASHA | same | regret | "
+          "curves match | s full | s ASHA |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in sweep:
+        saved = 1 - r["epochs_asha"] / r["epochs_full"]
+        print(f"| {r['seed']} | {r['epochs_full']} | {r['epochs_asha']} | {saved:.0%} | {r['finished']} | "
+              f"lr {r['win_full']:g} ({r['acc_full']:.3f}) | lr {r['win_asha']:g} | "
+              f"{'yes' if r['win_full'] == r['win_asha'] else 'no'} | {r['regret']:.3f} | "
+              f"{'yes' if r['same_curves'] else 'no'} | {r['seconds_full']:.0f} | {r['seconds_asha']:.0f} |")
+    saved_all = 1 - sum(r["epochs_asha"] for r in sweep) / sum(r["epochs_full"] for r in sweep)
+    same = sum(r["win_full"] == r["win_asha"] for r in sweep)
+    print(f"\nASHA saved {saved_all:.0%} of the epochs; same winner in {same}/{len(sweep)} seeds; "
+          f"mean regret {statistics.mean(r['regret'] for r in sweep):.3f}; "
+          f"wall {sum(r['seconds_asha'] for r in sweep):.0f}s vs {sum(r['seconds_full'] for r in sweep):.0f}s")
+    return 0 if p["ratio"] <= 1.15 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

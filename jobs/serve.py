@@ -1,0 +1,96 @@
+"""`tans serve`: the online retriever on a local Ray, listening on 127.0.0.1 until Ctrl-C.
+
+    tans serve [--space URI] [--root ROOT] [--port 8000] [--host 127.0.0.1]
+
+The space defaults to the root's ``spaces/LATEST``; it is resolved to one run *before* Ray
+starts, so a missing space is a one-line error (exit 1) and every replica serves the same run.
+On a cluster use ``serve deploy serve/config.yaml`` (or the RayService) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tans serve", description="serve the retriever over HTTP (Ray Serve)")
+    parser.add_argument("--space", default="", help="space URI (<root>/spaces/<run>), a run name in --root, "
+                                                     "or empty for the root's spaces/LATEST")
+    parser.add_argument("--root", default=None, help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--token-env", default=None,
+                        help="environment variable holding the bearer token (default TANS_SERVE_TOKEN); unset = no auth")
+    return parser.parse_args(argv)
+
+
+def _ensure_serve_importable() -> None:
+    """Make the repository's ``serve/`` package importable here and in the local Ray's workers.
+
+    pyproject.toml packages ``tans`` and ``jobs`` only, so the ``tans`` console script (whose
+    sys.path holds .venv/bin, not the repository) cannot import ``serve``. Until ``serve`` is
+    packaged too, put the repository root on sys.path and on PYTHONPATH, which the Ray started
+    below passes to every worker (replicas unpickle their classes from ``serve.*``).
+    """
+    if importlib.util.find_spec("serve") is not None:
+        return
+    repo = str(Path(__file__).resolve().parents[1])
+    if not (Path(repo) / "serve" / "app.py").is_file():
+        raise FileNotFoundError(f"the serve/ package is not installed and not beside {Path(__file__).parent}")
+    sys.path.insert(0, repo)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    _ensure_serve_importable()
+    from serve.args import DEFAULT_TOKEN_ENV, AppArgs
+    from serve.spaces import resolve_space_uri
+    from tans.storage import Storage
+
+    root = Storage(ns.root).uri
+    space = resolve_space_uri(root, ns.space)  # SpaceNotFound -> "error: ..." and exit 1, before Ray
+    args = AppArgs(root=root, space=space, auth_token_env=ns.token_env or DEFAULT_TOKEN_ENV)
+
+    from ray import serve
+
+    from serve.app import build_app
+    from tans.runtime import init_ray
+
+    ray = init_ray()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill, a container stop: the same clean shutdown
+        signal.signal(sig, _interrupt)
+    try:
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve.run(build_app(args), name="tans", route_prefix="/")
+        url = f"http://{ns.host}:{ns.port}"
+        auth = "on" if args.auth_token_env and _has_token(args.auth_token_env) else "off"
+        print(f"serving {space} at {url}/v1/retrieve (API docs: {url}/docs; auth {auth}); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _has_token(env: str) -> bool:
+    return bool(os.environ.get(env))
+
+
+if __name__ == "__main__":
+    from jobs._common import run_main
+
+    sys.exit(run_main(main))

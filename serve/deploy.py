@@ -1,0 +1,55 @@
+"""Deploy serve/config.yaml from Python the way `serve deploy` and KubeRay do (tests, benchmark).
+
+A config deploy keeps the app's code version as long as ``import_path``, ``args`` and
+``runtime_env`` stay the same, so a new ``user_config`` (another ``space``, batching on/off)
+reconfigures the running replicas in place instead of replacing them; ``serve.run`` of a Python
+app always replaces them. Needs a running Serve (``serve.start``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import yaml
+
+CONFIG_PATH = Path(__file__).with_name("config.yaml")
+
+
+def app_config(space: str | None = None, args: dict | None = None, deployments: dict | None = None,
+               path: Path = CONFIG_PATH) -> dict:
+    """serve/config.yaml with overrides: ``space`` for every user_config that has one, extra ``args``,
+    and per-deployment option overrides (``{"Encoder": {"user_config": {...}, "num_replicas": 1}}``;
+    ``user_config`` is merged, other options replace)."""
+    config = copy.deepcopy(yaml.safe_load(path.read_text()))
+    (app,) = config["applications"]
+    app["args"].update(args or {})
+    for d in app["deployments"]:
+        if space is not None and "user_config" in d:
+            d["user_config"] = {**d["user_config"], "space": space}
+        for key, value in (deployments or {}).get(d["name"], {}).items():
+            d[key] = {**d.get(key, {}), **value} if key == "user_config" else value
+    return config
+
+
+def apply_config(config: dict, timeout_s: float = 240) -> None:
+    """Deploy ``config`` on the running Serve and wait until every app in it is RUNNING."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    # the call `serve deploy` makes through the dashboard and `serve run config.yaml` makes directly
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    names = [a["name"] for a in config["applications"]]
+    deadline = time.monotonic() + timeout_s
+    states: dict = {}
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
+        if any(s == "DEPLOY_FAILED" for s in states.values()):
+            raise RuntimeError(f"deploy failed: {[apps[n].message for n in names if n in apps]}")
+        if all(s == "RUNNING" for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"apps not running after {timeout_s:.0f}s: {states}")

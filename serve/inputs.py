@@ -1,0 +1,294 @@
+"""What a client may send, and turning it into images and labels (or a clear 4xx).
+
+Everything here runs in the ingress, before any model is touched, and is plain Python (no Ray),
+so each rule is unit-testable. Three ways to send a query:
+
+* JSON: ``images`` (base64 PNG/JPEG strings, ``data:`` URLs accepted) + ``labels``;
+* ``multipart/form-data``: ``images`` file parts (``files`` also accepted) + ``labels``
+  (repeated fields, ``0,1,1`` or ``[0,1,1]``) + the same scalar fields as form fields;
+* ``dataset``: a task in the service's storage root (its name, ``tasks/<name>`` or
+  ``<root>/tasks/<name>``), sampled ``per_class`` images per class with ``seed``.
+
+Images of any size and mode are accepted: each is converted to RGB (grey repeated, alpha
+dropped, palette expanded) and later resized to the space's extractor size by the encoder (the
+same bilinear resize the library's extractor applies). Only a side above ``max_image_side`` is
+rejected (413).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+from email.parser import BytesParser
+from email.policy import HTTP
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+LABEL_MAX = 2**31 - 1
+DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
+
+
+class ApiError(Exception):
+    """A request the service refuses: HTTP ``status`` and a one-line ``message`` for the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class RetrieveRequest(BaseModel):
+    """The body of ``POST /v1/retrieve`` (JSON), or its form fields (multipart)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    images: list[str] | None = Field(None, description="base64-encoded PNG or JPEG images (data: URLs accepted)")
+    labels: list[Annotated[int, Field(ge=0, le=LABEL_MAX)]] | None = Field(
+        None, description="one class label per image; at least 2 distinct classes")
+    dataset: str | None = Field(None, description="instead of images: a task in the storage root "
+                                                  "(name, tasks/<name> or <root>/tasks/<name>)")
+    split: Literal["train", "test"] = Field("train", description="dataset split to sample")
+    per_class: int | None = Field(None, ge=1, description="dataset images per class (default: the service's)")
+    seed: int = Field(0, ge=0, description="dataset sampling seed")
+    k: int = Field(10, ge=1, description="how many models to return (at most the service's max_k)")
+    max_params: int | None = Field(None, ge=0, description="only models with at most this many parameters")
+    max_flops: int | None = Field(None, ge=0, description="only models with at most this many FLOPs")
+    family: str | None = Field(None, description="only models of this supernet family")
+    rerank: bool = Field(True, description="re-rank the top-k by the predicted accuracy")
+
+
+class CandidateOut(BaseModel):
+    model_id: str
+    task: str
+    similarity: float
+    predicted_accuracy: float
+    n_params: int
+    flops: int
+
+
+class RetrieveResponse(BaseModel):
+    space_run: str = Field(description="the space run that answered (encoder and index alike)")
+    space_uri: str
+    candidates: list[CandidateOut]
+    requested_k: int
+    returned_k: int
+    note: str
+    constraints: dict
+    n_images: int
+    n_classes: int
+    resized: int = Field(description="images resized to the extractor's image size")
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line naming each bad field (at most 5)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(x) for x in err["loc"]) or "body"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def parse_json_request(body: bytes) -> RetrieveRequest:
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(obj).__name__}")
+    try:
+        return RetrieveRequest.model_validate(obj)
+    except ValidationError as exc:
+        raise ApiError(400, validation_message(exc)) from None
+
+
+def parse_multipart_request(body: bytes, content_type: str) -> tuple[RetrieveRequest, list[bytes]]:
+    """(the request's fields, the raw bytes of each image part) of a ``multipart/form-data`` body."""
+    if "boundary=" not in content_type:
+        raise ApiError(400, "multipart/form-data without a boundary")
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart() or msg.defects:
+        raise ApiError(400, "the multipart body is malformed")
+    fields: dict[str, list[str]] = {}
+    files: list[bytes] = []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name in ("images", "files"):
+            files.append(payload)
+        elif name:
+            try:
+                fields.setdefault(name, []).append(payload.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ApiError(400, f"form field {name!r} is not UTF-8 text") from None
+    data: dict = {}
+    for name, values in fields.items():
+        if name == "labels":
+            data["labels"] = _form_labels(values)
+        elif len(values) > 1:
+            raise ApiError(400, f"form field {name!r} is given {len(values)} times")
+        elif name in ("k", "per_class", "seed", "max_params", "max_flops"):
+            data[name] = _form_int(name, values[0])
+        elif name == "rerank":
+            data[name] = values[0].strip().lower() in ("1", "true", "yes", "on")
+        else:
+            data[name] = values[0]
+    try:
+        return RetrieveRequest.model_validate(data), files
+    except ValidationError as exc:
+        raise ApiError(400, validation_message(exc)) from None
+
+
+def _form_int(name: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ApiError(400, f"{name}: {text!r} is not an integer") from None
+
+
+def _form_labels(values: list[str]) -> list[int]:
+    if len(values) == 1:
+        text = values[0].strip()
+        items = json.loads(text) if text.startswith("[") and _is_json(text) else text.split(",")
+    else:
+        items = values
+    try:
+        return [int(str(v).strip()) for v in items]
+    except ValueError:
+        raise ApiError(400, "labels: expected integers (repeated fields, '0,1,1' or '[0,1,1]')") from None
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+def decode_base64(text: str, index: int) -> bytes:
+    text = DATA_URL.sub("", text.strip(), count=1)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"images[{index}] is not valid base64") from None
+
+
+def decode_image(data: bytes, index: int, max_side: int) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 ``3 x H x W`` RGB; 400 for a non-image or a truncated one, 413 if too large."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format not in ("PNG", "JPEG"):
+                raise ApiError(400, f"images[{index}] is a {img.format} image; send PNG or JPEG")
+            if max(img.size) > max_side:
+                raise ApiError(413, f"images[{index}] is {img.size[0]}x{img.size[1]} px; the limit is "
+                                    f"{max_side} px a side")
+            img.load()  # decodes now: a truncated file fails here, not later
+            rgb = np.asarray(img.convert("RGB"))
+    except ApiError:
+        raise
+    except UnidentifiedImageError:
+        raise ApiError(400, f"images[{index}] is not a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ApiError(400, f"images[{index}] is truncated or corrupt ({str(exc).splitlines()[0][:120]})") from None
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+        raise ApiError(400, f"images[{index}] has an unusable shape {rgb.shape}")
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+@dataclass
+class Query:
+    """Decoded images (a list of uint8 ``3 x H x W`` arrays, or one ``N x 3 x H x W`` array) and labels."""
+
+    images: list[np.ndarray] | np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def stack_if_uniform(images: list[np.ndarray]) -> list[np.ndarray] | np.ndarray:
+    """One ``N x 3 x H x W`` array when all images share a size (cheaper to ship), else the list."""
+    if images and len({im.shape for im in images}) == 1:
+        return np.stack(images)
+    return images
+
+
+def check_labels(labels: list[int] | None, n_images: int) -> np.ndarray:
+    if labels is None:
+        raise ApiError(400, "labels: required with images (one class label per image)")
+    if len(labels) != n_images:
+        raise ApiError(400, f"{n_images} images but {len(labels)} labels")
+    arr = np.asarray(labels, dtype=np.int64)
+    n_classes = len(np.unique(arr))
+    if n_classes < 2:
+        raise ApiError(400, f"a query needs at least 2 classes, got {n_classes}")
+    return arr
+
+
+def check_count(n: int, max_images: int) -> None:
+    if n == 0:
+        raise ApiError(400, "images: at least 2 images of 2 classes are needed")
+    if n > max_images:
+        raise ApiError(413, f"{n} images; the limit is {max_images} per request")
+
+
+def task_name_of(dataset: str, root_uri: str) -> str:
+    """The task name a ``dataset`` field names; 400 for anything that is not a task in the root.
+
+    Accepted: ``<name>``, ``tasks/<name>``, ``<root>/tasks/<name>``. A name is letters, digits,
+    ``_``, ``-``, ``.`` starting with a letter or digit, so no form can leave the storage root.
+    """
+    from tans.tasks import TASK_NAME_RE
+
+    text = dataset.strip().rstrip("/")
+    for prefix in (root_uri.rstrip("/") + "/tasks/", "tasks/"):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+            break
+    if not TASK_NAME_RE.match(text):
+        raise ApiError(400, f"dataset {dataset!r} is not a task name of this service's storage root "
+                            "(use <name>, tasks/<name> or <root>/tasks/<name>)")
+    return text
+
+
+def dataset_query(storage, dataset: str, split: str, per_class: int, seed: int, max_images: int,
+                  max_side: int) -> Query:
+    """A seeded sample of ``per_class`` images per class of a stored task (404 if there is none)."""
+    import pyarrow as pa
+
+    from tans.features import sample_per_class
+    from tans.reader import decode_images
+    from tans.tasks import TaskError, read_split, read_task_info, task_exists
+
+    name = task_name_of(dataset, storage.uri)
+    if not task_exists(storage, name):
+        raise ApiError(404, f"dataset {name!r} is not a task in the storage root")
+    try:
+        info = read_task_info(storage, name)
+        table = read_split(storage, name, split)
+    except TaskError as exc:
+        raise ApiError(404, str(exc)) from None
+    if info.image_size > max_side:
+        raise ApiError(413, f"dataset {name!r} has {info.image_size} px images; the limit is {max_side} px")
+    labels = np.asarray(table.column("label").to_numpy(zero_copy_only=False), dtype=np.int64)
+    rows = sample_per_class(labels, per_class, seed)
+    check_count(len(rows), max_images)
+    pngs = table.column("image").take(pa.array(rows)).to_pylist()
+    images = decode_images(pngs, info.image_size, channels=3).numpy()
+    return Query(images=images, labels=labels[rows])
