@@ -22,17 +22,55 @@ from tans.tasks import read_task_info, task_dir
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True):
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1."""
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray bound to 127.0.0.1.
+
+    A ``RAY_ADDRESS`` that cannot be reached (nothing listens there, or it is the dashboard's
+    ``http://`` address) fails within ``$TANS_RAY_CONNECT_TIMEOUT_S`` seconds (default 5) with
+    a one-line :class:`~tans.storage.StorageError`, instead of Ray's long retry loop.
+    """
+    import socket
+
+    from tans.storage import StorageError
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if not address:
+        # An embedded node: keep every listener on loopback (DESIGN.md, environment facts). Ray
+        # reads this flag when it is imported; without it, it binds the machine's public address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return ray
-    if os.environ.get("RAY_ADDRESS"):
+    if address:
+        if address.startswith(("http://", "https://")):
+            raise StorageError(
+                f"RAY_ADDRESS={address} is a dashboard (job submission) address: submit this with "
+                "`ray job submit -- python -m jobs...`, or set RAY_ADDRESS to the cluster's GCS address host:port"
+            )
+        target = address.removeprefix("ray://")
+        if target not in ("auto", "local"):
+            host, _, port = target.rpartition(":")
+            host = host.strip("[]")
+            if not host or not port.isdigit():
+                raise StorageError(f"RAY_ADDRESS={address}: expected host:port (or ray://host:port, auto, local)")
+            timeout = float(os.environ.get("TANS_RAY_CONNECT_TIMEOUT_S", "5"))
+            try:
+                socket.create_connection((host, int(port)), timeout=timeout).close()
+            except OSError as exc:
+                timed_out = isinstance(exc, TimeoutError)
+                reason = f"no answer within {timeout:g}s" if timed_out else (exc.strerror or str(exc))
+                raise StorageError(
+                    f"cannot reach the Ray cluster at RAY_ADDRESS={address} ({reason.lower()}): "
+                    "start it, fix the address, or unset RAY_ADDRESS to run on a local Ray"
+                ) from None
         ray.init(log_to_driver=not quiet)
     else:
-        # An embedded node: keep every listener on loopback (DESIGN.md, environment facts).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+            # ray was imported before the flag was set (it reads it once, at import)
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet)
     return ray
 

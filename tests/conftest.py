@@ -101,6 +101,8 @@ class S3Server:
             f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
             f"-s3.port.iceberg={ports['iceberg']}", f"-s3.metricsPort={ports['metrics']}",
             f"-debug.port={ports['debug']}", f"-s3.config={config}",
+            # no phoning home, and no Lance endpoint on its default (shared) port
+            "-master.telemetry=false", "-s3.port.lance=0", "-metricsIp=127.0.0.1", "-s3.metricsIp=127.0.0.1",
         ]
         log = open(self.workdir / "weed.log", "wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
