@@ -72,15 +72,19 @@ def synthetic_task(n: int, seed: int):
     return TaskTensors(images=images.clamp(0, 255).round().to(torch.uint8), labels=labels, num_classes=CLASSES)
 
 
-def run_trial(config: dict, report) -> tuple[float, float]:
-    """One fine-tuning trial; ``report(metrics)`` after every epoch. Returns its (wall, CPU) seconds."""
+def run_trial(config: dict, report, entered: float | None = None) -> tuple[float, float]:
+    """One fine-tuning trial; ``report(metrics)`` after every epoch. Returns its (wall, CPU) seconds.
+
+    ``entered``: ``time.time()`` when the trial function was entered, before its imports.
+    """
+    entered = time.time() if entered is None else entered
     import torch
 
     from tans.finetune import build_candidate, finetune
     from tans.subnets import largest
     from tans.supernets import get_family
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0, cpu0, started = time.perf_counter(), time.process_time(), time.time()
     torch.set_num_threads(1)
     seed = int(config["seed"])
     train = synthetic_task(config["train"], seed=1000 + seed)
@@ -90,7 +94,8 @@ def run_trial(config: dict, report) -> tuple[float, float]:
     def on_epoch(epoch, metrics, _model, _optimizer):
         report({"val_accuracy": metrics["val_accuracy"], "train_loss": metrics["train_loss"],
                 "epochs_done": metrics["epochs_done"], "trial_seconds": time.perf_counter() - t0,
-                "trial_cpu_seconds": time.process_time() - cpu0, "pid": os.getpid()})
+                "trial_cpu_seconds": time.process_time() - cpu0, "pid": os.getpid(),
+                "t_entered": entered, "t_started": started, "t_reported": time.time()})
 
     finetune(model, train, val, None, epochs=config["epochs"], batch_size=32, lr=config["lr"], seed=seed,
              on_epoch=on_epoch)
@@ -99,9 +104,10 @@ def run_trial(config: dict, report) -> tuple[float, float]:
 
 def tune_trial(config: dict) -> None:
     """The Ray Tune trainable: :func:`run_trial` reporting through ``ray.tune.report``."""
+    entered = time.time()
     import ray.tune
 
-    run_trial(config, ray.tune.report)
+    run_trial(config, ray.tune.report, entered)
 
 
 def tune_run(config: dict, storage: str, name: str, num_samples: int = 1, scheduler=None):
@@ -116,9 +122,10 @@ def tune_run(config: dict, storage: str, name: str, num_samples: int = 1, schedu
                                     scheduler=scheduler, num_samples=num_samples, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
     )
-    t0 = time.perf_counter()
+    t0, cpu0, began = time.perf_counter(), time.process_time(), time.time()
     results = tuner.fit()
     seconds = time.perf_counter() - t0
+    results.driver_cpu, results.began, results.ended = time.process_time() - cpu0, began, time.time()
     print(f"[bench] {name}: {len(results)} trial(s) in {seconds:.1f}s", file=sys.stderr, flush=True)
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} trial(s) failed, first: {results.errors[0]}")
@@ -133,13 +140,28 @@ def parallel_efficiency(args, storage: str, cpus: float) -> dict:
     print(f"[bench] sequential: {before} trial(s) in {sum(r[0] for r in runs):.1f}s", file=sys.stderr, flush=True)
     results, wall = tune_run(config, storage, "parallel", num_samples=args.trials)
     runs += [run_trial(config, lambda metrics: None) for _ in range(args.trials - before)]
-    sequential = [r[0] for r in runs]
+    sequential, sequential_cpu = [r[0] for r in runs], [r[1] for r in runs]
     ideal = sum(sequential) / at_once
-    return {"wall": wall, "sequential": sequential, "sequential_cpu": [r[1] for r in runs],
-            "inside": [r.metrics["trial_seconds"] for r in results],
-            "inside_cpu": [r.metrics["trial_cpu_seconds"] for r in results],
-            "actors": len({r.metrics["pid"] for r in results}), "at_once": at_once, "ideal": ideal,
-            "ratio": wall / ideal}
+    # With reuse_actors, the trials of one actor run one after another: the busiest actor's sum
+    # is the makespan of the trials themselves, and the rest of the wall time is Tune's own.
+    per_actor: dict[int, list[float]] = {}
+    for r in results:
+        wall_cpu = per_actor.setdefault(int(r.metrics["pid"]), [0.0, 0.0])
+        wall_cpu[0] += r.metrics["trial_seconds"]
+        wall_cpu[1] += r.metrics["trial_cpu_seconds"]
+    gaps = max(0.0, wall - max(w for w, _ in per_actor.values()))
+    inside_cpu = [r.metrics["trial_cpu_seconds"] for r in results]
+    metrics = [r.metrics for r in results]
+    where = {"start-up (fit() to the first trial's entry)": min(m["t_entered"] for m in metrics) - results.began,
+             "imports in the trials (sum)": sum(m["t_started"] - m["t_entered"] for m in metrics),
+             "tear-down (last report to fit()'s return)": results.ended - max(m["t_reported"] for m in metrics),
+             "driver CPU seconds during fit()": results.driver_cpu}
+    return {"wall": wall, "sequential": sequential, "sequential_cpu": sequential_cpu,
+            "inside": [r.metrics["trial_seconds"] for r in results], "inside_cpu": inside_cpu,
+            "actors": len(per_actor), "where": where, "at_once": at_once, "ideal": ideal, "ratio": wall / ideal, "gaps": gaps,
+            "cores_sequential": sum(sequential_cpu) / sum(sequential), "cores_tune": sum(inside_cpu) / wall,
+            # every trial timed by its CPU seconds (an idle machine's wall), Tune's gaps kept as measured
+            "cpu_ratio": (max(c for _, c in per_actor.values()) + gaps) / (sum(sequential_cpu) / at_once)}
 
 
 def _by_lr(results) -> dict[float, dict]:
@@ -177,6 +199,14 @@ def asha_sweep(args, storage: str, seeds: list[int]) -> list[dict]:
     return rows
 
 
+def _autogroup() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run (~2 minutes)")
@@ -187,7 +217,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--val", type=int, help="validation images per trial [160; quick 128]")
     parser.add_argument("--asha-trials", type=int, help="trials per seed of part 2 (learning-rate grid) [8; quick 4]")
     parser.add_argument("--asha-epochs", type=int, default=4, help="epochs per trial of part 2 (ASHA's max_t) [4]")
-    parser.add_argument("--seeds", type=int, help="seeds of part 2 [5; quick 2]")
+    parser.add_argument("--seeds", type=int, help="seeds of part 2 (0: part 1 only) [5; quick 2]")
     parser.add_argument("--ray-niceness", action="store_true", help="keep Ray's worker niceness (15)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -195,7 +225,7 @@ def main(argv: list[str]) -> int:
     args.train = args.train or (96 if quick else 128)
     args.val = args.val or (128 if quick else 160)
     args.asha_trials = args.asha_trials or (4 if quick else 8)
-    args.seeds = args.seeds or (2 if quick else 5)
+    args.seeds = (2 if quick else 5) if args.seeds is None else args.seeds
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # listeners on 127.0.0.1; read when ray is imported
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -236,7 +266,20 @@ def main(argv: list[str]) -> int:
     print(f"| CPU seconds per trial: in-process / inside Tune (medians) | "
           f"{statistics.median(p['sequential_cpu']):.1f} / {statistics.median(p['inside_cpu']):.1f} |")
     print(f"| Tuner.fit() wall | {p['wall']:.1f} |")
-    print(f"\nratio Tune wall / ideal = {p['ratio']:.3f}  (target <= 1.15)\n")
+    print(f"| ... of which outside the trials (actor start, imports, scheduling, results) | {p['gaps']:.1f} |")
+    for what, secs in p["where"].items():
+        print(f"| ... {what} | {secs:.1f} |")
+    print(f"| cores the trials got: in-process / in Tune (CPU seconds / wall) | "
+          f"{p['cores_sequential']:.2f} / {p['cores_tune']:.2f} |")
+    print(f"\nratio Tune wall / ideal = {p['ratio']:.3f}  (target <= 1.15)")
+    print(f"the same ratio with each trial timed by its CPU seconds (Tune's own time kept as measured): "
+          f"{p['cpu_ratio']:.3f}")
+    if load_before > cpus or load_after > cpus:
+        print(f"note: the load average exceeded the {cpus:g} CPUs: other processes competed for the cores, so the "
+              "wall ratio measures the machine's load as much as Tune"
+              + (" (and CFS autogroup shares CPU per session: all of this run's processes share one session's share)"
+                 if _autogroup() else ""))
+    print()
 
     print(f"part 2: ASHA (grace 1, reduction 2, max_t {args.asha_epochs}) vs all trials to the end; "
           f"{len(LR_GRID[:: max(1, len(LR_GRID) // args.asha_trials)][: args.asha_trials])} learning rates per seed")
@@ -249,6 +292,8 @@ def main(argv: list[str]) -> int:
               f"lr {r['win_full']:g} ({r['acc_full']:.3f}) | lr {r['win_asha']:g} | "
               f"{'yes' if r['win_full'] == r['win_asha'] else 'no'} | {r['regret']:.3f} | "
               f"{'yes' if r['same_curves'] else 'no'} | {r['seconds_full']:.0f} | {r['seconds_asha']:.0f} |")
+    if not sweep:
+        return 0 if p["ratio"] <= 1.15 else 1
     saved_all = 1 - sum(r["epochs_asha"] for r in sweep) / sum(r["epochs_full"] for r in sweep)
     same = sum(r["win_full"] == r["win_asha"] for r in sweep)
     print(f"\nASHA saved {saved_all:.0%} of the epochs; same winner in {same}/{len(sweep)} seeds; "
