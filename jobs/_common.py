@@ -51,3 +51,18 @@ def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     rest = [a for a in args if a not in overrides]
     return overrides, rest
+
+
+def drain_progress(progress, format_line) -> None:
+    """Print ``format_line(msg)`` for each message a Ray queue receives, until ``None`` arrives.
+
+    Rank 0 of a Ray Train run sends its per-epoch/evaluation metrics here, so the driver can print
+    them (workers' own prints do not reach a quiet driver)."""
+    while True:
+        try:
+            msg = progress.get(timeout=5)
+        except Exception:  # noqa: BLE001 - Empty, or the queue actor is gone at shutdown
+            continue
+        if msg is None:
+            return
+        print(format_line(msg), flush=True)

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from jobs._common import run_main, split_overrides
+from jobs._common import drain_progress, run_main, split_overrides
 from tans.config import ConfigError, to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.reader import TaskTensors, decode_images
@@ -330,7 +330,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
     print(f"[pretrain] {cfg.name}: {family.name} at {cfg.image_size}px on {len(tasks)} tasks, {pooled} images, "
           f"{layout.num_classes} classes; {p.epochs} epochs on {p.num_workers} worker(s) -> {storage.uri_of(base)}")
     t0 = time.perf_counter()
-    printer = threading.Thread(target=_print_progress, args=(progress,), daemon=True)
+    printer = threading.Thread(target=drain_progress, args=(progress, _progress_line), daemon=True)
     printer.start()
     try:
         result = _trainer(cfg, storage, config).fit()
@@ -402,17 +402,9 @@ def _trainer(cfg: ZooConfig, storage: Storage, config: dict):
     )
 
 
-def _print_progress(progress) -> None:
-    """Print the lines rank 0 sends after each epoch until ``None`` arrives."""
-    while True:
-        try:
-            msg = progress.get(timeout=5)
-        except Exception:  # noqa: BLE001 - Empty, or the queue actor is gone at shutdown
-            continue
-        if msg is None:
-            return
-        print(f"[pretrain] epoch {msg['epoch'] + 1}/{msg['epochs']}  loss {msg['loss']:.4f}  lr {msg['lr']:.4f}  "
-              f"{msg['images_per_s']:.0f} images/s  {msg['epoch_s']:.0f}s  ETA {msg['eta_s']:.0f}s", flush=True)
+def _progress_line(msg: dict) -> str:
+    return (f"[pretrain] epoch {msg['epoch'] + 1}/{msg['epochs']}  loss {msg['loss']:.4f}  lr {msg['lr']:.4f}  "
+            f"{msg['images_per_s']:.0f} images/s  {msg['epoch_s']:.0f}s  ETA {msg['eta_s']:.0f}s")
 
 
 # -- command line --------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from jobs._common import run_main, split_overrides
+from jobs._common import drain_progress, run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import SpaceConfig, load_job_config, load_splits
 from tans.storage import Storage
@@ -150,18 +150,9 @@ def train_loop(config: dict) -> None:
         _upload_tb(config, writer)
 
 
-def _print_progress(progress) -> None:
-    """Print the lines rank 0 sends after each evaluation until ``None`` arrives."""
-    while True:
-        try:
-            m = progress.get(timeout=5)
-        except Exception:  # noqa: BLE001 - Empty, or the queue actor is gone at shutdown
-            continue
-        if m is None:
-            return
-        print(f"[space] step {m['step']}/{m['steps']}  loss {m['loss']:.4f}  val R@1 {m['R@1']:.2f}  "
-              f"R@5 {m['R@5']:.2f}  mean rank {m['mean_rank']:.1f}  tau {m['kendall_tau']:.3f}  "
-              f"{m['seconds']:.0f}s", flush=True)
+def _progress_line(m: dict) -> str:
+    return (f"[space] step {m['step']}/{m['steps']}  loss {m['loss']:.4f}  val R@1 {m['R@1']:.2f}  "
+            f"R@5 {m['R@5']:.2f}  mean rank {m['mean_rank']:.1f}  tau {m['kendall_tau']:.3f}  {m['seconds']:.0f}s")
 
 
 def _trainer(cfg: SpaceConfig, storage: Storage, config: dict):
@@ -298,7 +289,7 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
           f"meta-val tasks, features {feature_dim}-d from {spec.name}; {cfg.steps} steps on "
           f"{cfg.num_workers} worker(s) -> {storage.uri_of(run_dir)}", flush=True)
     t0 = time.perf_counter()
-    printer = threading.Thread(target=_print_progress, args=(progress,), daemon=True)
+    printer = threading.Thread(target=drain_progress, args=(progress, _progress_line), daemon=True)
     printer.start()
     try:
         result = _trainer(cfg, storage, config).fit()
