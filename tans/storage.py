@@ -36,6 +36,9 @@ TMP_PREFIX = ".tmp-"
 DEFAULT_ROOT = "~/.cache/tans"
 
 
+_CHECKED_BUCKETS: set[tuple[str, str]] = set()  # (endpoint, bucket) pairs known to exist
+
+
 class StorageError(RuntimeError):
     """A storage root that cannot be reached or a path that is not there (one-line message)."""
 
@@ -96,6 +99,8 @@ class Storage:
         self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
         if self.is_local:
             os.makedirs(self.base, exist_ok=True)
+        else:
+            self._check_bucket()
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -211,6 +216,24 @@ class Storage:
             self._call(lambda: self.fs.delete_file(self.path(rel)), rel)
 
     # -- helpers ---------------------------------------------------------------------------
+    def _check_bucket(self) -> None:
+        """Fail with one line if the bucket is missing or the credentials are refused.
+
+        Without it a missing bucket reads as "no such file" everywhere (and some S3 servers
+        create buckets on the first write), which sends a user looking for the wrong mistake.
+        One HEAD per bucket and process.
+        """
+        bucket = self.base.split("/", 1)[0]
+        key = (os.environ.get("TANS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3")
+               or os.environ.get("AWS_ENDPOINT_URL") or "", bucket)
+        if key in _CHECKED_BUCKETS:
+            return
+        info = self._call(lambda: self.fs.get_file_info(bucket), "")
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{self.uri}: bucket '{bucket}' does not exist (create it first, "
+                               f"e.g. `aws s3 mb s3://{bucket}`)")
+        _CHECKED_BUCKETS.add(key)
+
     def _info(self, rel: str) -> pafs.FileInfo:
         return self._call(lambda: self.fs.get_file_info(self.path(rel)), rel)
 

@@ -2,6 +2,8 @@
 
 * every listener of every process the cluster started is on loopback;
 * the tiny zoo build, submitted with ``ray job submit``, measures on more than one node;
+* the space and a search, submitted the same way with the root in the bucket, leave the search
+  report and the exported winner in the bucket;
 * a worker node killed mid-build (its raylet, SIGKILL) loses and duplicates no zoo row;
 * an unreachable ``RAY_ADDRESS`` is one line on stderr and exit 1, within seconds.
 
@@ -289,7 +291,7 @@ def root(cluster):
     t0 = time.monotonic()
     ingest = " && ".join(
         f"python -m jobs.data ingest builtin:{src} --config configs/data/tiny.yaml root={uri}"
-        for src in ("digits", "mnist")
+        for src in ("digits", "mnist", "clipart_0_9")  # clipart_0_9: the tiny splits' meta_test task
     )
     proc = cluster.submit("sh", "-c", ingest, timeout=300)
     assert proc.returncode == 0 and "succeeded" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -338,6 +340,48 @@ def test_zoo_build_job_measures_on_several_nodes(cluster, root):
     assert len(state["rows"]) == len(ZOO_TASKS) * SUBNETS
     assert {i["task"] for i in state["build"]["items"]} == set(ZOO_TASKS)
     assert len(nodes) >= 2, f"all measurements ran on one node: {state['build']['items']}"
+
+
+# -- b2: the space and a search as Ray jobs, the report in the bucket ------------------------
+
+
+SEARCH_TASK = "clipart_0_9"  # configs/splits/tiny.yaml: meta_test, never seen by the zoo or the space
+
+
+@pytest.mark.timeout(900)
+def test_space_and_search_jobs_write_the_report_to_the_bucket(cluster, root):
+    t0 = time.monotonic()
+    proc = cluster.submit("python", "-m", "jobs.train_space", "--config", "configs/space/tiny.yaml", f"root={root}")
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    t_space = time.monotonic() - t0
+    proc = cluster.submit("python", "-m", "jobs.search", "--config", "configs/search/tiny.yaml",
+                          "--dataset", SEARCH_TASK, "--max-params", "3000000", "--name", "cluster", f"root={root}")
+    assert proc.returncode == 0 and "succeeded" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    state = cluster.python(
+        f"""
+        import json
+        from tans.storage import Storage
+        st = Storage({root!r})
+        run = "searches/cluster"
+        report = st.read_json(run + "/report.json")
+        model = st.read_json(run + "/model/model.json")
+        files = st.list(run)
+        print(json.dumps({{"report": report, "model": model, "files": files,
+                          "latest": st.read_bytes("spaces/LATEST").decode().strip()}}))
+        """
+    )
+    report, files = state["report"], state["files"]
+    print(f"[b2] space job {t_space:.0f}s, search job {time.monotonic() - t0 - t_space:.0f}s; "
+          f"winner {report['winner']['model_id']} test {report['winner']['test_accuracy']:.3f}; files {files}")
+    assert state["latest"], "the space job did not publish spaces/LATEST in the bucket"
+    assert report["dataset"]["task"] == SEARCH_TASK
+    assert {f"searches/cluster/{name}" for name in ("report.json", "report.md", "report.png", "model", "tune")} <= set(
+        files)
+    finished = [c for c in report["candidates"] if c["status"] == "finished"]
+    assert finished and report["winner"]["val_accuracy"] == max(c["val_accuracy"] for c in finished)
+    assert report["winner"]["measured"]["n_params"] <= 3_000_000
+    assert state["model"]["extra"]["model_id"] == report["winner"]["model_id"]
+    assert {"scratch", "generic", "random", "logme"} <= set(report["baselines"])
 
 
 # -- c: a worker node dies mid-build ----------------------------------------------------------

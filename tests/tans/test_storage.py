@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from tans.storage import Storage, StorageError, default_root
+from tests.conftest import run_cli
 
 BACKENDS = ["local", pytest.param("s3", marks=pytest.mark.s3)]
 
@@ -109,3 +110,22 @@ def test_default_root(monkeypatch, tmp_path):
 def test_unsupported_scheme():
     with pytest.raises(StorageError, match="unsupported URI scheme"):
         Storage("gs://bucket/x")
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(180)
+def test_missing_bucket_and_refused_credentials_are_one_line_errors(s3_env):
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        Storage("s3://no-such-bucket/tans")
+    bucket = s3_env.make_bucket(f"tans-{uuid.uuid4().hex[:8]}")
+    # As a user meets them: a stage's command line, in a fresh process (no bucket check cached).
+    cases = {
+        "missing bucket": ({}, "s3://no-such-bucket/tans", "bucket 'no-such-bucket' does not exist"),
+        "wrong secret": ({"AWS_SECRET_ACCESS_KEY": "wrong"}, f"s3://{bucket}/tans", "ACCESS_DENIED"),
+    }
+    for what, (env, root, needle) in cases.items():
+        proc = run_cli("search", "--root", root, "--dataset", "x", env={**s3_env.env(), **env}, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1, (what, proc.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (what, proc.stderr)
+    assert s3_env.client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0  # nothing written
