@@ -27,13 +27,15 @@ trial actors, tear-down), and prints how long a trial must be for that fixed tim
 
 Part 2 (ASHA). For each of ``--seeds`` seeds, ``--asha-trials`` trials with learning rates from a
 grid run twice through Tune: to the end (one FIFO run for all seeds: they do not interact), and,
-per seed, under ``ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1,
-reduction_factor=2, max_t=epochs)``. Printed per seed: the share of epochs ASHA saved, each run's
-winner (best last-reported validation accuracy, as ``ResultGrid.get_best_result(scope="last")``;
-ties to the lower learning rate) and whether it is the same trial, and the regret: the full-run
-accuracy of the true winner minus that of ASHA's pick. Fine-tuning is
-deterministic on CPU, so a trial ASHA lets finish reports the same curve as in the full run (this
-is checked); ASHA's decisions depend on the order results arrive in, so they can vary run to run.
+per seed, under ``ASHAScheduler(metric="val_accuracy", mode="max", grace_period=G,
+reduction_factor=2, max_t=epochs)`` (G = ``--asha-grace``, by default half the epochs as in
+``tans search``; 1 cut the eventual winner in 3 of 5 seeds). Printed per seed: the share of
+epochs ASHA saved, each run's winner (best last-reported validation accuracy, as
+``ResultGrid.get_best_result(scope="last")``; ties to the lower learning rate) and whether it is
+the same trial, and the regret: the full-run accuracy of the true winner minus that of ASHA's
+pick. Fine-tuning is deterministic on CPU, so a trial ASHA lets finish reports the same curve as
+in the full run (this is checked); ASHA's decisions depend on the order results arrive in, so
+they can vary run to run.
 
 Sized for ~6 minutes on an idle 2-core machine (``--quick``: ~2 minutes); timings on a shared
 machine vary by +-30%, and the load average is printed with the results.
@@ -188,7 +190,7 @@ def asha_sweep(args, storage: str, seeds: list[int]) -> tuple[list[dict], float]
     full, full_s = tune_run({**base, "lr": tune.grid_search(lrs), "seed": tune.grid_search(seeds)}, storage, "fifo")
     rows = []
     for seed in seeds:
-        asha = ASHAScheduler(metric="val_accuracy", mode="max", grace_period=1, reduction_factor=2,
+        asha = ASHAScheduler(metric="val_accuracy", mode="max", grace_period=args.asha_grace, reduction_factor=2,
                              max_t=args.asha_epochs)
         early, early_s = tune_run({**base, "lr": tune.grid_search(lrs), "seed": seed}, storage, f"asha-{seed}",
                                   scheduler=asha)
@@ -229,6 +231,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--val", type=int, help="validation images per trial [128; quick 96]")
     parser.add_argument("--asha-trials", type=int, help="trials per seed of part 2 (learning-rate grid) [8; quick 4]")
     parser.add_argument("--asha-epochs", type=int, default=4, help="epochs per trial of part 2 (ASHA's max_t) [4]")
+    parser.add_argument("--asha-grace", type=int, help="ASHA's grace_period in epochs [half of --asha-epochs, "
+                        "as tans search]")
     parser.add_argument("--seeds", type=int, help="seeds of part 2 (0: part 1 only) [5; quick 2]")
     parser.add_argument("--ray-niceness", action="store_true", help="keep Ray's worker niceness (15)")
     args = parser.parse_args(argv)
@@ -238,6 +242,7 @@ def main(argv: list[str]) -> int:
     args.val = args.val or (96 if quick else 128)
     args.asha_trials = args.asha_trials or (4 if quick else 8)
     args.seeds = (2 if quick else 5) if args.seeds is None else args.seeds
+    args.asha_grace = args.asha_grace or max(1, args.asha_epochs // 2)
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # listeners on 127.0.0.1; read when ray is imported
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -301,7 +306,7 @@ def main(argv: list[str]) -> int:
     if not sweep:
         return 0 if p["ratio"] <= 1.15 else 1
 
-    print(f"part 2: ASHA (grace 1, reduction 2, max_t {args.asha_epochs}) vs all trials to the end; "
+    print(f"part 2: ASHA (grace {args.asha_grace}, reduction 2, max_t {args.asha_epochs}) vs all trials to the end; "
           f"{len(asha_lrs(args.asha_trials))} learning rates per seed")
     print("| seed | epochs full | epochs ASHA | saved | finished | winner full (acc) | winner ASHA | same | regret | "
           "curves match | s ASHA |")

@@ -262,6 +262,7 @@ class SearchConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     asha: bool = False  # ASHA stops weak candidates early (candidates only, never baselines)
+    asha_grace_epochs: int = 0  # epochs every candidate gets before ASHA may stop it; 0 = half the epochs
     max_failures: int = 0  # retries of a failed trial
     force: bool = False  # redo a finished search
 
