@@ -1,0 +1,54 @@
+"""An ImageFolder no built-in source covers, for trying `tans search` on unseen data.
+
+    .venv/bin/python bench/make_georgian_letters.py [OUT]      # default /tmp/georgian_letters
+    tans search --dataset /tmp/georgian_letters --max-params 3000000
+
+10 Georgian letters (U+10D0..U+10D9), 150 images each, 64x64 greyscale, drawn with every font
+on this machine whose character map covers them (``fc-list :charset=10d0``), with a seeded
+random size, offset and rotation. No built-in source renders Georgian, so neither the zoo nor
+the space has seen these classes.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+LETTERS = [chr(0x10D0 + i) for i in range(10)]
+PER_CLASS = 150
+SIZE = 64
+
+
+def georgian_fonts() -> list[str]:
+    out = subprocess.run(["fc-list", ":charset=10d0", "file"], capture_output=True, text=True, check=False).stdout
+    fonts = sorted(line.split(":")[0] for line in out.splitlines() if line.strip())
+    if not fonts:
+        raise SystemExit("error: no font with Georgian letters found (fc-list :charset=10d0)")
+    return fonts
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0] if argv else "/tmp/georgian_letters")
+    fonts, rng = georgian_fonts(), random.Random(0)
+    for i, ch in enumerate(LETTERS):
+        folder = out / f"letter_{i:02d}_{ch}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(PER_CLASS):
+            font = ImageFont.truetype(rng.choice(fonts), rng.randint(30, 46))
+            img = Image.new("L", (SIZE, SIZE), 0)
+            draw = ImageDraw.Draw(img)
+            left, top, right, bottom = draw.textbbox((0, 0), ch, font=font)
+            x = (SIZE - (right - left)) / 2 - left + rng.uniform(-5, 5)
+            y = (SIZE - (bottom - top)) / 2 - top + rng.uniform(-5, 5)
+            draw.text((x, y), ch, fill=255, font=font)
+            img.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR).save(folder / f"{j:03d}.png")
+    print(f"{len(LETTERS) * PER_CLASS} images of {len(LETTERS)} letters from {len(fonts)} fonts in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
