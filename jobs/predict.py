@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs._common import run_main
-from tans.ingest import IngestError
-from tans.storage import Storage, StorageError, resolve_filesystem
+from tans.ingest import IngestError, open_source
+from tans.storage import Storage, StorageError
 from tans.tasks import SPLITS, TASK_NAME_RE, TaskError, read_task_info, task_dir, task_exists
 
 TASK_PREFIX = "task:"
@@ -114,13 +114,7 @@ def model_location(uri: str, root: str | None) -> str:
 
 def list_image_files(src: str) -> tuple[pafs.FileSystem, list[str]]:
     """Every non-hidden file under ``src`` (recursively; ``src`` itself if it is a file), sorted."""
-    try:
-        fs, base = resolve_filesystem(src)
-        info = fs.get_file_info(base)
-    except (StorageError, OSError) as exc:
-        raise IngestError(f"{src}: cannot open ({' '.join(str(exc).split())[:160]})") from None
-    if info.type == pafs.FileType.NotFound:
-        raise IngestError(f"{src}: no such directory or file")
+    fs, base, info = open_source(src, missing="no such directory or file")
     if info.type == pafs.FileType.File:
         return fs, [base]
     try:

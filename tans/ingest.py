@@ -76,15 +76,21 @@ class ImageFolderListing:
         return sum(len(f) for f in self.files)
 
 
-def list_imagefolder(src: str) -> ImageFolderListing:
-    """List ``src/<class>/<file>``; raise :class:`IngestError` if it is missing or unusable."""
+def open_source(src: str, missing: str = "no such directory") -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
+    """``(filesystem, path, info)`` of a local or ``s3://`` source; :class:`IngestError` if absent."""
     try:
         fs, base = resolve_filesystem(src)
         info = fs.get_file_info(base)
     except (StorageError, OSError) as exc:
-        raise IngestError(f"{src}: cannot open ({str(exc).splitlines()[0]})") from None
+        raise IngestError(f"{src}: cannot open ({' '.join(str(exc).split())[:160]})") from None
     if info.type == pafs.FileType.NotFound:
-        raise IngestError(f"{src}: no such directory")
+        raise IngestError(f"{src}: {missing}")
+    return fs, base, info
+
+
+def list_imagefolder(src: str) -> ImageFolderListing:
+    """List ``src/<class>/<file>``; raise :class:`IngestError` if it is missing or unusable."""
+    fs, base, info = open_source(src)
     if info.type != pafs.FileType.Directory:
         raise IngestError(f"{src}: not a directory (expected an ImageFolder: SRC/<class>/<image>)")
     entries = fs.get_file_info(pafs.FileSelector(base, recursive=True))

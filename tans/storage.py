@@ -48,11 +48,15 @@ def default_root() -> str:
     return os.environ.get("TANS_ROOT") or os.path.expanduser(DEFAULT_ROOT)
 
 
+def s3_endpoint() -> str:
+    """The S3 endpoint from the environment ("" = AWS itself)."""
+    return (os.environ.get("TANS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or "")
+
+
 def s3_filesystem(timeout_s: float = 10.0) -> pafs.S3FileSystem:
     """An ``S3FileSystem`` configured from the environment, with bounded timeouts."""
-    endpoint = os.environ.get("TANS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-        "AWS_ENDPOINT_URL"
-    )
+    endpoint = s3_endpoint()
     kwargs: dict[str, Any] = {
         "connect_timeout": timeout_s,
         "request_timeout": timeout_s,
@@ -224,8 +228,7 @@ class Storage:
         One HEAD per bucket and process.
         """
         bucket = self.base.split("/", 1)[0]
-        key = (os.environ.get("TANS_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3")
-               or os.environ.get("AWS_ENDPOINT_URL") or "", bucket)
+        key = (s3_endpoint(), bucket)
         if key in _CHECKED_BUCKETS:
             return
         info = self._call(lambda: self.fs.get_file_info(bucket), "")
