@@ -150,18 +150,18 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     """
     from tqdm import tqdm
 
-    from tans.subnets import sample_archs
+    from tans.subnets import task_archs
     from tans.supernets import get_family
 
     family = get_family(cfg.family)
-    archs = sample_archs(family, cfg.measure.subnets_per_task, cfg.measure.seed)
-    chunk = max(1, -(-len(archs) // max(1, _items_per_task(cfg))))
+    chunk = max(1, -(-cfg.measure.subnets_per_task // max(1, _items_per_task(cfg))))
     ft = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.finetune.gpus_per_task, max_retries=2)(finetune_task)
     ms = ray.remote(num_cpus=cfg.measure.cpus_per_item, num_gpus=cfg.measure.gpus_per_item, max_retries=2)(measure_items)
     pending: dict = {}
     left: dict[str, int] = {}
     for task in tasks:
         supernet = ft.remote(storage.uri, cfg, base_rel, task)
+        archs = task_archs(family, cfg.measure.subnets_per_task, cfg.measure.seed, task, cfg.measure.per_task_archs)
         items = [archs[i : i + chunk] for i in range(0, len(archs), chunk)]
         left[task] = len(items)
         for part in items:

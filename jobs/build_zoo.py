@@ -72,6 +72,11 @@ def check_existing_zoo(storage: Storage, cfg: ZooConfig, splits_hash: str) -> No
     for key, new in (("family", cfg.family), ("image_size", cfg.image_size), ("splits_hash", splits_hash)):
         if old.get(key) != new:
             raise ZooError(f"zoo {cfg.name!r} exists with {key}={old.get(key)!r}, not {new!r}: pick another name or use --force")
+    # zoos written before per-task sampling existed measured the same archs on every task
+    old_per_task = bool(old.get("config", {}).get("measure", {}).get("per_task_archs", False))
+    if old_per_task != cfg.measure.per_task_archs:
+        raise ZooError(f"zoo {cfg.name!r} exists with measure.per_task_archs={old_per_task}: a resumed build would "
+                       "mix two architecture samples; pick another name or use --force")
 
 
 def main(argv: list[str]) -> int:

@@ -117,7 +117,8 @@ class MeasureConfig:
     """Subnet sampling and measurement (one Ray task per (task, subnet batch))."""
 
     subnets_per_task: int = 16  # always includes the largest and the smallest
-    seed: int = 0  # seeds the architecture sample (same for every task)
+    seed: int = 0  # seeds the architecture samples
+    per_task_archs: bool = True  # each task its own sample (False: the same archs on every task)
     bn_batches: int = 4  # BatchNorm recalibration batches (train split)
     bn_batch_size: int = 64
     test_images: int = 1000  # cap on test images evaluated per subnet (seeded subset)

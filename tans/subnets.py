@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import zlib
 import re
 from dataclasses import dataclass
 
@@ -120,6 +121,25 @@ def sample_archs(family: SupernetFamily, m: int, seed: int) -> list[Arch]:
         elif tries > 1000 * m:
             raise ValueError(f"could not find {m} distinct archs in family {family.name}")
     return archs
+
+
+def task_arch_seed(seed: int, task: str) -> int:
+    """A seed for ``task``'s own architecture sample: stable across runs, processes and machines.
+
+    ``hash()`` is salted per process, so the task name goes through CRC-32 instead.
+    """
+    return (int(seed) * 1_000_003 + zlib.crc32(task.encode("utf-8"))) % (2**31)
+
+
+def task_archs(family: SupernetFamily, m: int, seed: int, task: str, per_task: bool = True) -> list[Arch]:
+    """The ``m`` architectures measured on zoo task ``task``.
+
+    ``per_task``: each task draws its own seeded sample (always with the largest and the
+    smallest), so across tasks the zoo spans many architectures and the space can learn which
+    architecture suits which data, not only which task's weights. ``False`` gives every task the
+    same sample (the earlier zoo layout).
+    """
+    return sample_archs(family, m, task_arch_seed(seed, task) if per_task else seed)
 
 
 def set_arch(model: torch.nn.Module, arch: Arch) -> None:

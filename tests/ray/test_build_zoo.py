@@ -49,6 +49,9 @@ def test_tiny_zoo_has_signal(built):
     by_arch = {}
     for r in rows:
         by_arch.setdefault((tuple(r["ks"]), tuple(r["e"]), tuple(r["d"])), []).append(r)
+    # each task has its own sample beyond the largest and smallest (measure.per_task_archs)
+    assert len(by_arch) > 4, f"{len(by_arch)} distinct architectures over 4 tasks x 4 subnets"
+    assert sum(len(v) == 4 for v in by_arch.values()) == 2  # only the largest and the smallest are shared
     same = next(v for v in by_arch.values() if len(v) == 4)
     assert len({round(r["accuracy"], 6) for r in same}) > 1
     assert not np.allclose(same[0]["f_emb"], same[1]["f_emb"])

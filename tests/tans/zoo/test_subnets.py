@@ -12,19 +12,20 @@ import sys
 import pytest
 import torch
 
-from tans.subnets import Arch, largest, model_id, random_arch, sample_archs, set_arch, smallest
+from tans.subnets import Arch, largest, model_id, random_arch, sample_archs, set_arch, smallest, task_arch_seed, task_archs
 from tans.supernets import get_family
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 SAMPLE_SCRIPT = """
 import json
-from tans.subnets import model_id, sample_archs
+from tans.subnets import model_id, sample_archs, task_archs
 from tans.supernets import get_family
 out = {}
 for name in ("ofa_mbv3_w1.0", "ofa_mbv3_tiny"):
     archs = sample_archs(get_family(name), 12, seed=7)
     out[name] = [[a.to_dict(), model_id(name, "fashion_0_5", a)] for a in archs]
+    out[name + "/per_task"] = [a.to_dict() for a in task_archs(get_family(name), 6, 7, "greek_0_10")]
 print(json.dumps(out))
 """
 
@@ -49,6 +50,22 @@ def test_sample_archs_identical_across_processes():
     here = [[a.to_dict(), model_id("ofa_mbv3_w1.0", "fashion_0_5", a)]
             for a in sample_archs(get_family("ofa_mbv3_w1.0"), 12, seed=7)]
     assert first["ofa_mbv3_w1.0"] == here
+    per_task = [a.to_dict() for a in task_archs(get_family("ofa_mbv3_w1.0"), 6, 7, "greek_0_10")]
+    assert first["ofa_mbv3_w1.0/per_task"] == per_task  # per-task samples do not depend on str hashing
+
+
+@pytest.mark.timeout(30)
+def test_task_archs_differ_between_tasks_and_keep_extremes():
+    fam = get_family("ofa_mbv3_w1.0")
+    a, b = task_archs(fam, 8, 0, "greek_0_10"), task_archs(fam, 8, 0, "latin_0_10")
+    assert a[:2] == b[:2] == [largest(fam), smallest(fam)]
+    assert len(set(a[2:]) & set(b[2:])) == 0  # the random part is each task's own
+    assert task_archs(fam, 8, 0, "greek_0_10") == a  # reproducible
+    assert task_archs(fam, 8, 1, "greek_0_10")[2:] != a[2:]  # and the zoo seed still matters
+    shared = task_archs(fam, 8, 0, "greek_0_10", per_task=False)
+    assert shared == task_archs(fam, 8, 0, "latin_0_10", per_task=False) == sample_archs(fam, 8, 0)
+    assert task_arch_seed(0, "greek_0_10") != task_arch_seed(0, "latin_0_10")
+    assert 0 <= task_arch_seed(10**12, "x") < 2**31
 
 
 @pytest.mark.timeout(30)
