@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("jobs.zoo", "inspect a built zoo: `tans zoo stats [--json]`"),
     "train-space": ("jobs.train_space", "query features (Ray Data) + the cross-modal space (Ray Train) -> index"),
     "search": ("jobs.search", "retrieve under constraints, fine-tune the best few (Ray Tune), baselines, report"),
+    "evaluate": ("jobs.evaluate", "the model-selection benchmark: ground-truth fine-tunes of a pool, every selector, "
+                 "weighted tau and regret over seeds"),
     "predict": ("jobs.predict", "label a dataset with an exported model (Ray Data actor pool) -> Parquet"),
     "serve": ("jobs.serve", "the online retriever over HTTP (Ray Serve) on 127.0.0.1: `tans serve [--space URI]`"),
     "demo": ("jobs.demo", "the whole pipeline end to end on the built-in corpus, on a local Ray"),

@@ -288,10 +288,53 @@ class SearchConfig:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
 
 
+@dataclass
+class EvaluateConfig:
+    """``tans evaluate``: the model-selection protocol (ground-truth fine-tunes over a pool, every selector)."""
+
+    name: str = ""  # the run: <root>/evaluations/<name>/; "" = the space run's name
+    root: str = ""
+    space: str = ""  # a space URI or run name; "" = <root>/spaces/LATEST
+    datasets: list[str] = field(default_factory=list)  # SRC as for `tans search`; empty: the splits' meta_test
+    splits: str = ""  # where meta_test comes from; "" = the splits file the space was trained with
+    search: str = "configs/search/demo.yaml"  # the fine-tune recipe (epochs, lr, data caps), used unchanged
+    max_params: int = 4_000_000  # 0: no limit
+    max_flops: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # each fixes split, samples, pool and fine-tunes
+    pool_cap: int = 16  # pool = the constrained zoo, or a seeded stratified sample of this many; 0 = all
+    methods: list[str] = field(default_factory=list)  # empty: every method (tans.evaluation.METHODS)
+    references: list[str] = field(default_factory=lambda: ["scratch", "generic", "scratch_long"])
+    scratch_long_factor: int = 10  # scratch_long trains this many times the recipe's epochs (first seed only)
+    cpus_per_trial: float = 0.0  # 0: the recipe's
+    gpus_per_trial: float = -1.0  # < 0: the recipe's
+    force: bool = False  # redo finished targets
+
+    def validate(self) -> None:
+        from tans.evaluation import METHODS, REFERENCES
+
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
+        if self.pool_cap < 0 or self.pool_cap == 1:
+            raise ValueError(f"pool_cap must be 0 (the whole constrained zoo) or >= 2, got {self.pool_cap}")
+        if self.max_params < 0 or self.max_flops < 0:
+            raise ValueError("max_params and max_flops must be >= 0 (0: no limit)")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r} (known: {', '.join(METHODS)})")
+        for r in self.references:
+            if r not in REFERENCES:
+                raise ValueError(f"unknown reference {r!r} (known: {', '.join(REFERENCES)})")
+        if self.scratch_long_factor < 1:
+            raise ValueError(f"scratch_long_factor must be >= 1, got {self.scratch_long_factor}")
+        if not self.search:
+            raise ValueError("search: name the search config whose fine-tune recipe is the ground truth")
+
+
 # job name -> config class: `configs/<job>/*.yaml` must load into it (tests check every file).
 JOB_CONFIGS: dict[str, type] = {
     "data": IngestConfig,
     "demo": DemoConfig,
+    "evaluate": EvaluateConfig,
     "search": SearchConfig,
     "space": SpaceConfig,
     "splits": SplitsConfig,

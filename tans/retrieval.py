@@ -175,6 +175,19 @@ class Retriever:
         return int(np.lexsort((self.flops, self.n_params))[0])
 
     @torch.no_grad()
+    def score_rows(self, query_features, query_labels, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(cosine similarity, predicted accuracy) of the query against each of ``rows``.
+
+        The two numbers :meth:`retrieve` ranks by, for every given row rather than the top k.
+        """
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        q = self.query_encoder(torch.as_tensor(query_features), torch.as_tensor(query_labels))
+        emb = self.embeddings[rows]
+        sims = emb @ q.reshape(-1).to(emb.dtype)
+        pred = self.predictor(q[None], emb).reshape(-1)
+        return sims.numpy().astype(np.float64), pred.numpy().astype(np.float64)
+
+    @torch.no_grad()
     def retrieve(
         self,
         query_features,
@@ -184,15 +197,21 @@ class Retriever:
         max_flops: int | None = None,
         family: str | None = None,
         rerank: bool = True,
+        rows=None,
     ) -> RetrievalResult:
         """Encode the query, mask by the constraints, take the top-k by cosine, re-rank by predictor.
 
-        Raises SpaceError for k <= 0 or a bad query, UnsatisfiableConstraint if no model fits.
+        ``rows`` (optional index rows) restricts the choice to those models, e.g. an evaluation
+        pool. Raises SpaceError for k <= 0 or a bad query, UnsatisfiableConstraint if no model fits.
         """
         if k <= 0:
             raise SpaceError(f"k must be >= 1, got {k}")
         constraints = {"max_params": max_params, "max_flops": max_flops, "family": family}
         mask = constraint_mask(self.n_params, self.flops, self.families, max_params, max_flops, family)
+        if rows is not None:
+            allowed = np.zeros(len(self), dtype=bool)
+            allowed[np.asarray(rows, dtype=np.int64)] = True
+            mask &= allowed
         survivors = int(mask.sum())
         if survivors == 0:
             i = self.smallest_model()
