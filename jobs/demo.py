@@ -83,8 +83,10 @@ def main(argv: list[str]) -> int:
     rows = run_search_stage(storage, cfg, space_name)
     print()
     print(format_demo_table(rows))
+    pointer = evaluation_pointer(storage, space_name, cfg.evaluate)
+    print(pointer)
     storage.write_json("demo/table.json", rows)
-    storage.write_text("demo/table.md", format_demo_table(rows) + "\n")
+    storage.write_text("demo/table.md", format_demo_table(rows) + "\n\n" + pointer + "\n")
     print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; table in {storage.uri_of('demo/table.md')}, "
           f"reports in {storage.uri_of('searches')}")
     return 0
@@ -115,6 +117,15 @@ def run_search_stage(storage: Storage, cfg: DemoConfig, space: str) -> list[dict
         row.update({name: report["baselines"].get(name) for _, name in COLUMNS[1:]})
         rows.append(row)
     return rows
+
+
+def evaluation_pointer(storage: Storage, space: str, config: str) -> str:
+    """Where the comparison with intervals is: one seed per search here, seeds and pools there."""
+    where = storage.uri_of(f"evaluations/{space}/evaluation.md")
+    state = "" if storage.is_file(f"evaluations/{space}/evaluation.json") else " (not run yet on this root)"
+    return (f"One seed per search above; single-seed gaps of a few points are noise. Weighted Kendall tau and regret "
+            f"over seeds with 95% intervals: `tans evaluate --config {config} --root {storage.uri}` "
+            f"-> {where}{state}")
 
 
 def _fmt(entry) -> str:

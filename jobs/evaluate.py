@@ -63,33 +63,31 @@ RECIPE_KEYS = ("epochs", "lrs", "batch_size", "weight_decay", "val_fraction", "m
 def _feature_scores_chunk(rows: list[dict], images, labels, threads: int, methods: list[str]) -> list[dict]:
     """For each zoo row: its features on the images, then every transferability score of them."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     from tans.finetune import build_candidate, extract_features
     from tans.reader import TaskTensors
     from tans.subnets import Arch
     from tans.transferability import SCORERS
 
-    from threadpoolctl import threadpool_limits
-
     torch.set_num_threads(max(1, threads))
     # numpy's BLAS would otherwise start one thread per core in every worker: on a small machine
     # the SVDs of LogME and H-score then run 10-20x slower than on the worker's own share
-    limits = threadpool_limits(limits=max(1, threads))
     data = TaskTensors(images, labels, int(labels.max()) + 1)
     y = labels.numpy()
     out = []
-    for row in rows:
-        t0 = time.perf_counter()
-        arch = Arch.from_dict({"ks": row["ks"], "e": row["e"], "d": row["d"]})
-        net = build_candidate(row["family"], arch, 2, row["supernet_uri"], seed=0)
-        feats = extract_features(net, data)
-        entry = {"feature_seconds": time.perf_counter() - t0, "scores": {}, "seconds": {}}
-        for m in methods:
-            t1 = time.perf_counter()
-            entry["scores"][m] = float(SCORERS[m](feats, y))
-            entry["seconds"][m] = time.perf_counter() - t1
-        out.append(entry)
-    limits.restore_original_limits()
+    with threadpool_limits(limits=max(1, threads)):
+        for row in rows:
+            t0 = time.perf_counter()
+            arch = Arch.from_dict({"ks": row["ks"], "e": row["e"], "d": row["d"]})
+            net = build_candidate(row["family"], arch, 2, row["supernet_uri"], seed=0)
+            feats = extract_features(net, data)
+            entry = {"feature_seconds": time.perf_counter() - t0, "scores": {}, "seconds": {}}
+            for m in methods:
+                t1 = time.perf_counter()
+                entry["scores"][m] = float(SCORERS[m](feats, y))
+                entry["seconds"][m] = time.perf_counter() - t1
+            out.append(entry)
     return out
 
 

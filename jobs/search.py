@@ -173,13 +173,17 @@ def _logme_chunk(rows: list[dict], images, labels, threads: int) -> list[float]:
     from tans.reader import TaskTensors
     from tans.subnets import Arch
 
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(max(1, threads))
     data = TaskTensors(images, labels, int(labels.max()) + 1)
     scores = []
-    for row in rows:
-        arch = Arch.from_dict({"ks": row["ks"], "e": row["e"], "d": row["d"]})
-        net = build_candidate(row["family"], arch, 2, row["supernet_uri"], seed=0)
-        scores.append(float(logme_score(extract_features(net, data), labels.numpy())))
+    # LogME's SVDs in numpy: one BLAS thread per core in every worker oversubscribes a small machine
+    with threadpool_limits(limits=max(1, threads)):
+        for row in rows:
+            arch = Arch.from_dict({"ks": row["ks"], "e": row["e"], "d": row["d"]})
+            net = build_candidate(row["family"], arch, 2, row["supernet_uri"], seed=0)
+            scores.append(float(logme_score(extract_features(net, data), labels.numpy())))
     return scores
 
 

@@ -48,6 +48,7 @@ class DemoConfig:
     zoo: str = "configs/zoo/local.yaml"  # the zoo config the demo builds ("" skips the zoo stage)
     space: str = "configs/space/local.yaml"  # the space config it trains on that zoo ("" skips it)
     search: str = "configs/search/local.yaml"  # the search config used on every meta_test task
+    evaluate: str = "configs/evaluate/local.yaml"  # named under the table: the comparison with intervals
     max_params: int = 0  # the demo's constraint on every search (0: none)
     max_flops: int = 0
     data: IngestConfig = field(default_factory=IngestConfig)

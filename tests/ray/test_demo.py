@@ -34,3 +34,6 @@ def test_tiny_demo_prints_the_table_and_reuses_on_a_second_run(tiny_space):
     again = run_cli("demo", "--config", "configs/demo/tiny.yaml", "--root", str(root), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reusing the finished search" in again.stdout and row in again.stdout
+    # the table says where the comparison with intervals over seeds is
+    pointer = f"tans evaluate --config configs/evaluate/tiny.yaml --root {root}"
+    assert pointer in again.stdout and pointer in (root / "demo" / "table.md").read_text()

@@ -32,6 +32,9 @@ CORE_MODULES = [
     "tans.finetune",
     "tans.export",
     "tans.logme",
+    "tans.evaluation",
+    "tans.selection_metrics",
+    "tans.transferability",
 ]
 
 
