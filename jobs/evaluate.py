@@ -158,12 +158,83 @@ def allowed_rows(cfg: EvaluateConfig, storage: Storage, zoo: _Zoo, zoo_sources: 
     return allowed, excluded
 
 
+def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zoo: _Zoo, data, pool: np.ndarray,
+                 base_uri: str, task: str, seed: int, wanted_features: list[str]) -> dict:
+    """What does not depend on the space: the feature-based scores, the ground truth, the references.
+
+    Cached under ``evaluations/_cache/<zoo>/`` by a fingerprint of everything that determines them
+    (zoo build, target, seed, pool, recipe, references), so judging another space over the same
+    targets costs seconds instead of re-running every fine-tune. The Tune run lives there too,
+    and resumes after an interruption.
+    """
+    from jobs.search import run_trials
+
+    ids = [zoo.ids[r] for r in pool]
+    lr = float(recipe.lrs[0])
+    specs = [zoo.spec(r, f"m{i:03d}", seed, lr, recipe.epochs) for i, r in enumerate(pool)]
+    ref_row = int(pool[np.argmax(zoo.retriever.n_params[pool])])  # references train the pool's largest architecture
+    refs = {"scratch": (None, recipe.epochs), "generic": (base_uri, recipe.epochs),
+            "scratch_long": (None, recipe.epochs * cfg.scratch_long_factor)}
+    ref_specs = {}
+    for name in cfg.references:
+        if name == "scratch_long" and seed != cfg.seeds[0]:
+            continue
+        weights, epochs = refs[name]
+        ref_specs[name] = zoo.spec(ref_row, name, seed, lr, epochs, weights=weights, role=name)
+    # a zoo rebuilt with other settings measures its models differently: their zoo accuracies are in the key
+    key = _fingerprint({"zoo": zoo.retriever.info["zoo"], "task": task, "seed": seed, "pool": ids,
+                        "zoo_accuracy": [zoo.cols["accuracy"][r] for r in pool], "recipe": {k: getattr(recipe, k) for k in RECIPE_KEYS},
+                        "references": {n: s.to_dict() for n, s in ref_specs.items()}})
+    cache_dir = f"evaluations/_cache/{zoo.retriever.info['zoo']}"
+    rel = f"{cache_dir}/{task}-s{seed}-{key}.json"
+    cached = storage.read_json(rel) if storage.is_file(rel) and not cfg.force else None
+    if cached is not None and all(m in cached["features"] for m in wanted_features):
+        print(f"[evaluate] {task} seed {seed}: ground truth and feature scores of this pool measured earlier "
+              f"({storage.uri_of(rel)})", flush=True)
+        return cached
+    features = {}
+    if wanted_features:
+        fs = feature_scores([zoo.feature_row(r) for r in pool], data, recipe.logme_images, seed, recipe.cpus_per_trial,
+                            wanted_features)
+        for m in wanted_features:
+            # the time one method alone costs: every model's features, then its own scoring
+            features[m] = {"scores": {i: e["scores"][m] for i, e in zip(ids, fs)},
+                           "seconds": sum(e["feature_seconds"] + e["seconds"][m] for e in fs)}
+        print(f"[evaluate] {task} seed {seed}: {', '.join(wanted_features)} of {len(pool)} models in "
+              f"{sum(e['feature_seconds'] for e in fs):.1f}s of feature extraction", flush=True)
+    results = run_trials(storage, cache_dir, f"{task}-s{seed}-{key}", specs + list(ref_specs.values()), data, recipe,
+                         asha=False)
+    by_trial = {r.spec.trial: r for r in results}
+    truth, failed = {}, []
+    for spec in specs:
+        r = by_trial[spec.trial]
+        if r.status == "finished":
+            truth[spec.model_id] = {"test_accuracy": r.final_test, "val_accuracy": r.final_val, "std": 0.0, "n": 1,
+                                    "seconds": round(r.seconds, 2), "epoch_test_accuracy": r.test_accuracy}
+        else:
+            failed.append({"model_id": spec.model_id, "error": r.error or r.status})
+    references = {}
+    for name, spec in ref_specs.items():
+        r = by_trial[spec.trial]
+        references[name] = {"test_accuracy": r.final_test, "val_accuracy": r.final_val, "epochs": spec.epochs,
+                            "model_id": spec.model_id, "status": r.status, "epoch_test_accuracy": r.test_accuracy}
+    out = {"features": features, "ground_truth": truth, "failed": failed, "references": references}
+    storage.write_json(rel, out)
+    return out
+
+
+def _fingerprint(obj) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, run_dir: str, zoo: _Zoo,
                     extractor, task_means: dict, zoo_sources: dict, base_uri: str, task: str, seed: int) -> dict:
     """One record: pool, every method's scores and pick, the ground truth, the references."""
     import torch
 
-    from jobs.search import run_trials
     from tans.features import query_from_tensors
     from tans.selection_metrics import ranked_ids
 
@@ -175,7 +246,6 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     pool = sample_pool(allowed, zoo.tasks, retriever.n_params, cfg.pool_cap, seed)
     ids = [zoo.ids[r] for r in pool]
     methods = list(cfg.methods) or list(METHODS)
-    lr = float(recipe.lrs[0])
     print(f"[evaluate] {task} seed {seed}: {len(data.classes)} classes, train {len(data.train)} / val "
           f"{len(data.val)} / test {len(data.test)}; pool {len(pool)} of {len(allowed)} allowed models"
           f"{f' (left out: {len(excluded)} zoo task(s) of its source)' if excluded else ''}", flush=True)
@@ -199,47 +269,14 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     scores["size"] = {"scores": size_scores(ids, [int(retriever.n_params[r]) for r in pool]), "seconds": 0.0}
     scores["random"] = {"scores": random_scores(ids, seed), "seconds": 0.0}
     wanted_features = [m for m in FEATURE_METHODS if m in methods]
-    if wanted_features:
-        fs = feature_scores([zoo.feature_row(r) for r in pool], data, recipe.logme_images, seed, recipe.cpus_per_trial,
-                            wanted_features)
-        for m in wanted_features:
-            # the time one method alone costs: every model's features, then its own scoring
-            scores[m] = {"scores": {i: e["scores"][m] for i, e in zip(ids, fs)},
-                         "seconds": sum(e["feature_seconds"] + e["seconds"][m] for e in fs)}
-        print(f"[evaluate] {task} seed {seed}: {', '.join(wanted_features)} of {len(pool)} models in "
-              f"{sum(e['feature_seconds'] for e in fs):.1f}s of feature extraction", flush=True)
-
-    # ground truth (and the references) in one Tune run, resumable
-    specs = [zoo.spec(r, f"m{i:03d}", seed, lr, recipe.epochs) for i, r in enumerate(pool)]
-    ref_row = int(pool[np.argmax(retriever.n_params[pool])])  # references train the pool's largest architecture
-    refs = {"scratch": (None, recipe.epochs), "generic": (base_uri, recipe.epochs),
-            "scratch_long": (None, recipe.epochs * cfg.scratch_long_factor)}
-    ref_specs = {}
-    for name in cfg.references:
-        if name == "scratch_long" and seed != cfg.seeds[0]:
-            continue
-        weights, epochs = refs[name]
-        ref_specs[name] = zoo.spec(ref_row, name, seed, lr, epochs, weights=weights, role=name)
-    results = run_trials(storage, run_dir, f"{task}-s{seed}", specs + list(ref_specs.values()), data, recipe,
-                         asha=False)
-    by_trial = {r.spec.trial: r for r in results}
-    truth, failed = {}, []
-    for spec in specs:
-        r = by_trial[spec.trial]
-        if r.status == "finished":
-            truth[spec.model_id] = {"test_accuracy": r.final_test, "val_accuracy": r.final_val, "std": 0.0, "n": 1,
-                                    "seconds": round(r.seconds, 2), "epoch_test_accuracy": r.test_accuracy}
-        else:
-            failed.append({"model_id": spec.model_id, "error": r.error or r.status})
-    references = {}
-    for name, spec in ref_specs.items():
-        r = by_trial[spec.trial]
-        references[name] = {"test_accuracy": r.final_test, "val_accuracy": r.final_val, "epochs": spec.epochs,
-                            "model_id": spec.model_id, "status": r.status, "epoch_test_accuracy": r.test_accuracy}
+    measured = measure_pool(cfg, recipe, storage, zoo, data, pool, base_uri, task, seed, wanted_features)
+    for m in wanted_features:
+        scores[m] = measured["features"][m]
+    truth, failed, references = measured["ground_truth"], measured["failed"], measured["references"]
 
     # tans_search: what `tans search` returns, from the trials it would itself have run
     pick = tans_search_pick(finetuned, {m: (truth.get(m) or {}).get("val_accuracy") for m in finetuned})
-    search_seconds = t_tans + sum(by_trial[s.trial].seconds for s in specs if s.model_id in finetuned)
+    search_seconds = t_tans + sum(truth[m]["seconds"] for m in finetuned if m in truth)
     scores["tans_search"] = {"scores": None, "pick": pick, "finetuned": finetuned, "seconds": search_seconds}
     out_methods = {}
     for m in methods:
