@@ -1,12 +1,12 @@
 """An ImageFolder no built-in source covers, for trying `tans search` on unseen data.
 
-    .venv/bin/python bench/make_georgian_letters.py [OUT]      # default /tmp/georgian_letters
+    .venv/bin/python bench/make_georgian_letters.py [OUT] [--script georgian|armenian]   # default /tmp/<script>_letters
     tans search --dataset /tmp/georgian_letters --max-params 3000000
 
-10 Georgian letters (U+10D0..U+10D9), 150 images each, 64x64 greyscale, drawn with every font
-on this machine whose character map covers them (``fc-list :charset=10d0``), with a seeded
-random size, offset and rotation. No built-in source renders Georgian, so neither the zoo nor
-the space has seen these classes.
+10 Georgian letters (U+10D0..U+10D9; or 10 Armenian ones, U+0561..U+056A), 150 images each,
+64x64 greyscale, drawn with every font on this machine whose character map covers them
+(``fc-list :charset=10d0``), with a seeded random size, offset and rotation. No built-in
+source renders Georgian or Armenian, so neither the zoo nor the space has seen these classes.
 """
 
 from __future__ import annotations
@@ -18,23 +18,32 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-LETTERS = [chr(0x10D0 + i) for i in range(10)]
+SCRIPTS = {"georgian": 0x10D0, "armenian": 0x0561}  # first code point of the 10 letters
 PER_CLASS = 150
 SIZE = 64
 
 
-def georgian_fonts() -> list[str]:
-    out = subprocess.run(["fc-list", ":charset=10d0", "file"], capture_output=True, text=True, check=False).stdout
+def script_fonts(first: int) -> list[str]:
+    charset = f":charset={first:x}"
+    out = subprocess.run(["fc-list", charset, "file"], capture_output=True, text=True, check=False).stdout
     fonts = sorted(line.split(":")[0] for line in out.splitlines() if line.strip())
     if not fonts:
-        raise SystemExit("error: no font with Georgian letters found (fc-list :charset=10d0)")
+        raise SystemExit(f"error: no font with these letters found (fc-list {charset})")
     return fonts
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0] if argv else "/tmp/georgian_letters")
-    fonts, rng = georgian_fonts(), random.Random(0)
-    for i, ch in enumerate(LETTERS):
+    script = "georgian"
+    if "--script" in argv:
+        i = argv.index("--script")
+        script = argv[i + 1] if i + 1 < len(argv) else ""
+        argv = argv[:i] + argv[i + 2:]
+    if script not in SCRIPTS:
+        raise SystemExit(f"error: --script must be one of {', '.join(SCRIPTS)}")
+    letters = [chr(SCRIPTS[script] + i) for i in range(10)]
+    out = Path(argv[0] if argv else f"/tmp/{script}_letters")
+    fonts, rng = script_fonts(SCRIPTS[script]), random.Random(0)
+    for i, ch in enumerate(letters):
         folder = out / f"letter_{i:02d}_{ch}"
         folder.mkdir(parents=True, exist_ok=True)
         for j in range(PER_CLASS):
@@ -46,7 +55,7 @@ def main(argv: list[str]) -> int:
             y = (SIZE - (bottom - top)) / 2 - top + rng.uniform(-5, 5)
             draw.text((x, y), ch, fill=255, font=font)
             img.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR).save(folder / f"{j:03d}.png")
-    print(f"{len(LETTERS) * PER_CLASS} images of {len(LETTERS)} letters from {len(fonts)} fonts in {out}")
+    print(f"{len(letters) * PER_CLASS} images of {len(letters)} {script} letters from {len(fonts)} fonts in {out}")
     return 0
 
 

@@ -202,8 +202,10 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
                            "seconds": sum(e["feature_seconds"] + e["seconds"][m] for e in fs)}
         print(f"[evaluate] {task} seed {seed}: {', '.join(wanted_features)} of {len(pool)} models in "
               f"{sum(e['feature_seconds'] for e in fs):.1f}s of feature extraction", flush=True)
-    results = run_trials(storage, cache_dir, f"{task}-s{seed}-{key}", specs + list(ref_specs.values()), data, recipe,
-                         asha=False)
+    # the longest trial first: Tune starts trials in order, so scratch_long runs beside the pool's
+    # fine-tunes instead of alone after them
+    trials = sorted(specs + list(ref_specs.values()), key=lambda s: -s.epochs)
+    results = run_trials(storage, cache_dir, f"{task}-s{seed}-{key}", trials, data, recipe, asha=False)
     by_trial = {r.spec.trial: r for r in results}
     truth, failed = {}, []
     for spec in specs:
