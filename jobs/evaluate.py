@@ -53,8 +53,11 @@ from tans.search_core import SearchError, TrialSpec, load_search_data, prepare_d
 from tans.storage import Storage
 from tans.tasks import read_task_info
 
-RECIPE_KEYS = ("epochs", "lrs", "batch_size", "weight_decay", "val_fraction", "max_train_images", "max_test_images",
-               "query_per_class", "logme_images", "top_k", "finetune")
+# the recipe's settings that the cache key of the ground truth includes (conservatively: a few,
+# such as top_k, only change the TANS picks, but a changed recipe never reuses another's numbers)
+CACHE_KEYS = ("epochs", "lrs", "batch_size", "weight_decay", "val_fraction", "max_train_images", "max_test_images",
+              "query_per_class", "logme_images", "top_k", "finetune")
+RECIPE_KEYS = CACHE_KEYS + ("rerank",)  # recorded in evaluation.json
 
 
 # -- frozen-feature scores of the pool (Ray tasks) -------------------------------------------------
@@ -183,7 +186,8 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
         ref_specs[name] = zoo.spec(ref_row, name, seed, lr, epochs, weights=weights, role=name)
     # a zoo rebuilt with other settings measures its models differently: their zoo accuracies are in the key
     key = _fingerprint({"zoo": zoo.retriever.info["zoo"], "task": task, "seed": seed, "pool": ids,
-                        "zoo_accuracy": [zoo.cols["accuracy"][r] for r in pool], "recipe": {k: getattr(recipe, k) for k in RECIPE_KEYS},
+                        "zoo_accuracy": [zoo.cols["accuracy"][r] for r in pool],
+                        "recipe": {k: getattr(recipe, k) for k in CACHE_KEYS},
                         "references": {n: s.to_dict() for n, s in ref_specs.items()}})
     cache_dir = f"evaluations/_cache/{zoo.retriever.info['zoo']}"
     rel = f"{cache_dir}/{task}-s{seed}-{key}.json"
@@ -258,7 +262,8 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     qx, qy = query_from_tensors(extractor, data.train, recipe.query_per_class, seed)
     t_query = time.perf_counter() - t0
     sims, pred = retriever.score_rows(torch.from_numpy(qx), torch.from_numpy(qy), pool)
-    retrieved = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=recipe.top_k, rows=pool)
+    retrieved = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=recipe.top_k, rows=pool,
+                                   rerank=recipe.rerank)
     t_tans = time.perf_counter() - t0
     finetuned = [c.model_id for c in retrieved.candidates[: recipe.finetune]]
     scores["tans_similarity"] = {"scores": dict(zip(ids, sims.tolist())), "seconds": t_tans}

@@ -257,7 +257,8 @@ def search(cfg: SearchConfig, storage: Storage) -> dict:
     t_sel = time.perf_counter()
     qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
     try:
-        result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, **constraints)
+        result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, rerank=cfg.rerank,
+                                    **constraints)
     except UnsatisfiableConstraint as exc:
         raise SearchError(str(exc)) from None
     tans_seconds = time.perf_counter() - t_sel

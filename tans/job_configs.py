@@ -244,7 +244,8 @@ class SearchConfig:
     max_flops: int = 0  # 0: no limit
     family: str = ""  # "" any family of the space
     top_k: int = 10  # retrieved candidates
-    finetune: int = 3  # the best of them by predicted accuracy that are fine-tuned
+    finetune: int = 3  # the first of them (after the optional re-ranking) that are fine-tuned
+    rerank: bool = True  # re-rank the top-k by the performance predictor before choosing which to fine-tune
     epochs: int = 3
     seeds: int = 1  # every fine-tune repeats with seeds seed..seed+seeds-1 (mean ± std)
     lrs: list[float] = field(default_factory=lambda: [0.02])  # grid: model and lr chosen together

@@ -89,7 +89,8 @@ def test_markdown_puts_the_summary_table_first():
     methods = {"tans_similarity": {"scores": {"a": 3.0, "b": 1.0, "c": 2.0}, "pick": "a", "seconds": 0.1},
                "logme": {"scores": {"a": 1.0, "b": 3.0, "c": 2.0}, "pick": "b", "seconds": 2.0},
                "nearest_dataset": {"scores": {"a": 1.0, "b": 2.0, "c": 3.0}, "pick": "c", "seconds": 0.2}}
-    record = {"task": "t", "seed": 0, "pool": list(truth), "pool_stats": {"models": 3, "zoo_tasks": 2, "architectures": 3},
+    record = {"task": "t", "seed": 0, "pool": list(truth),
+              "pool_stats": {"models": 3, "zoo_tasks": 2, "architectures": 3},
               "ground_truth": {k: {"test_accuracy": v} for k, v in truth.items()}, "references": {}, "methods": methods}
     summary = summarise_methods([{"task": "t", "seed": 0, "truth": truth, "methods": methods}])
     ev = {"run": "r", "settings": {"seeds": [0], "constraints": {"max_params": 100}, "recipe": {"epochs": 3, "lr": 0.02,
