@@ -108,9 +108,17 @@ def test_metrics_recompute_from_the_raw_numbers(resumed):
             assert s["weighted_tau"] == pytest.approx(float(np.mean(got["tau"])), abs=1e-9), m
             lo, hi = s["weighted_tau_ci95"]
             assert lo - 1e-9 <= s["weighted_tau"] <= hi + 1e-9
-    # size scores are the parameter counts; a rerun reuses everything
+    # a rerun reuses every record; another run over the same targets reuses the cached ground truth
     again = _evaluate(root, "--name", "main")
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 2
+    other = _evaluate(root, "--name", "main-again")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert other.stdout.count("measured earlier") == 2
+    ev2 = json.loads((root / "evaluations" / "main-again" / "evaluation.json").read_text())
+    assert [t["ground_truth"] for t in ev2["targets"]] == [t["ground_truth"] for t in ev["targets"]]
+    # the same name with other settings is refused in one line
+    clash = _evaluate(root, "--name", "main", "pool_cap=4")
+    assert clash.returncode == 1 and "other settings" in clash.stderr
 
 
 @pytest.mark.timeout(2400)
