@@ -289,7 +289,9 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     for m in methods:
         entry = dict(scores[m])
         if entry.get("scores") is not None:
-            entry["pick"] = ranked_ids(entry["scores"])[0]
+            # a model whose ground-truth fine-tune failed leaves the pool for every selector
+            ranked = [i for i in ranked_ids(entry["scores"]) if i in truth]
+            entry["pick"] = ranked[0] if ranked else None
         entry["seconds"] = round(float(entry["seconds"]), 4)
         out_methods[m] = entry
     return {"task": task, "src": task, "seed": seed, "classes": len(data.classes),
