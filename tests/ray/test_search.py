@@ -71,7 +71,8 @@ def test_report_schema_winner_and_constraints(searched):
     test = load_task_tensors(Storage(str(root)), TASK, "test", loaded.image_size)
     n = report["dataset"]["test"]
     assert n == len(test)
-    acc = float((loaded.predict(test.images) == test.labels).double().mean())  # float32 would differ from the float64 report by ~1e-8
+    # in float64 like the report (float32 would differ by ~1e-8)
+    acc = float((loaded.predict(test.images) == test.labels).double().mean())
     assert acc == pytest.approx(report["winner_result"]["test_accuracy"], abs=1e-9)
 
     again = _search(root, "--max-params", str(limit), "--name", "s1", "--oracle")
