@@ -56,7 +56,7 @@ class DemoConfig:
 
 @dataclass
 class SplitsConfig:
-    """Which tasks each stage may use (DESIGN.md: meta_train / meta_val / meta_test)."""
+    """Which tasks each stage may use (meta_train / meta_val / meta_test; README, "Splits")."""
 
     meta_train: list[str] = field(default_factory=list)  # base pretraining, zoo, space training
     meta_val: list[str] = field(default_factory=list)  # own supernet and zoo rows; measure generalisation

@@ -1,6 +1,6 @@
 """Measuring a subnet for its zoo row: accuracy, parameters, FLOPs, functional embedding.
 
-Definitions (DESIGN.md, "Zoo row"):
+Definitions (the zoo row schema, tans.zoo.ZOO_SCHEMA):
 
 * ``n_params`` and ``flops`` count the exported subnet (``get_active_subnet``) *without* its
   classifier head, since heads differ with the number of classes; FLOPs come from
