@@ -35,7 +35,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS", "").strip()
     if not address:
-        # An embedded node: keep every listener on loopback (Ray 2.60 binds the public interface otherwise). Ray
+        # An embedded node: keep every listener on loopback. Ray
         # reads this flag when it is imported; without it, it binds the machine's public address.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray

@@ -1,6 +1,6 @@
 """The storage root: a local directory or ``s3://bucket/prefix``, reached through ``pyarrow.fs``.
 
-Every artifact of every stage lives under one root (layout in DESIGN.md). Writes are atomic:
+Every artifact of every stage lives under one root (layout in the README, "Storage root"). Writes are atomic:
 
 * locally, bytes go to a hidden temp file beside the target, are fsynced, then renamed;
 * on S3, the whole object is buffered and sent as one upload that S3 only makes visible once it

@@ -1,7 +1,7 @@
 """The model zoo on disk: one Parquet part per task, ``zoo.json`` written last.
 
-``<root>/zoo/<zoo>/part-<task>.parquet`` holds one row per measured subnet (schema below, as in
-DESIGN.md). A part is written atomically once its task is fully measured, so a resumed build
+``<root>/zoo/<zoo>/part-<task>.parquet`` holds one row per measured subnet (schema below).
+A part is written atomically once its task is fully measured, so a resumed build
 skips finished tasks and never duplicates rows; ``zoo.json`` (family, image size, config,
 splits hash, tasks) is written after every part and marks the zoo complete.
 """
