@@ -26,8 +26,18 @@ def task_supernet_rel(zoo: str, task: str) -> str:
     return f"supernets/{zoo}/tasks/{task}/model.pt"
 
 
+def _readable_state(storage: Storage, rel: str) -> bool:
+    from tans.storage import CorruptArtifact
+
+    try:
+        storage.read_torch(rel)
+        return True
+    except CorruptArtifact:
+        return False
+
+
 def _load_state(storage: Storage, rel: str) -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(rel)), map_location="cpu", weights_only=True)
+    return storage.read_torch(rel)
 
 
 def _save_state(storage: Storage, rel: str, state: dict) -> None:
@@ -59,8 +69,8 @@ def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str) ->
 
     storage = Storage(storage_uri)
     rel = task_supernet_rel(cfg.name, task)
-    if storage.is_file(rel) and not cfg.force:
-        return rel  # a resumed build reuses finished fine-tunes
+    if storage.is_file(rel) and not cfg.force and _readable_state(storage, rel):
+        return rel  # a resumed build reuses finished fine-tunes (a damaged one is redone)
     torch.set_num_threads(max(1, int(cfg.finetune.cpus_per_task)))
     family = get_family(cfg.family)
     data = _subset(load_task_tensors(storage, task, "train", cfg.image_size), cfg.finetune.images_per_task, cfg.seed)

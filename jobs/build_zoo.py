@@ -27,7 +27,8 @@ from tans.config import to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.storage import Storage
 from tans.tasks import TaskError, task_exists
-from tans.zoo import ZooError, ZooManifest, finished_tasks, format_stats, read_zoo, write_manifest, zoo_stats
+from tans.zoo import (ZooError, ZooManifest, finished_tasks, format_stats, read_zoo, readable_part, write_manifest,
+                      zoo_stats)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -100,7 +101,7 @@ def main(argv: list[str]) -> int:
     base_rel = pretrain_base(cfg, storage, pretrain_tasks)
     print(f"[zoo] base supernet: {storage.uri_of(base_rel)} ({time.perf_counter() - t0:.0f}s)")
 
-    done = set() if cfg.force else finished_tasks(storage, cfg.name)
+    done = set() if cfg.force else {t for t in finished_tasks(storage, cfg.name) if readable_part(storage, cfg.name, t)}
     todo = [t for t in tasks if t not in done]
     if len(todo) < len(tasks):
         print(f"[zoo] {len(tasks) - len(todo)} task(s) already measured; skipping them (--force redoes them)")

@@ -27,9 +27,6 @@ import threading
 import time
 from datetime import datetime, timezone
 
-import numpy as np
-import torch
-
 from jobs._common import drain_progress, run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import SpaceConfig, load_job_config, load_splits
@@ -55,6 +52,8 @@ def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: lis
 
 def _train_subset(zoo_all, tasks: list[str]):
     """The zoo rows of ``tasks`` only: what the training loop may see."""
+    import torch
+
     from tans.space_training import ZooArrays
 
     rows = zoo_all.rows_of(tasks)
@@ -66,8 +65,10 @@ def _train_subset(zoo_all, tasks: list[str]):
 
 def train_loop(config: dict) -> None:
     """One Ray Train worker: resume or start, train, evaluate on meta-val, checkpoint."""
+    import numpy as np
     import ray.train
     import ray.train.torch
+    import torch
 
     from tans.space import build_space_model
     from tans.space_training import evaluate_space, selection_score, train_step
@@ -155,13 +156,13 @@ def _progress_line(m: dict) -> str:
             f"R@5 {m['R@5']:.2f}  mean rank {m['mean_rank']:.1f}  tau {m['kendall_tau']:.3f}  {m['seconds']:.0f}s")
 
 
-def _trainer(cfg: SpaceConfig, storage: Storage, config: dict):
+def _trainer(cfg: SpaceConfig, storage: Storage, config: dict, out_dir: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_config = RunConfig(
         name=RUN_NAME,
-        storage_path=storage.path(f"spaces/{cfg.name}/ray_train"),
+        storage_path=storage.path(f"{out_dir}/ray_train"),
         storage_filesystem=None if storage.is_local else storage.fs,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         # every evaluation is kept (a few MB each): the best one on meta-val is chosen at the end
@@ -225,16 +226,46 @@ def format_table(val: dict) -> str:
     return "\n".join(lines)
 
 
+def _files_for_run(cfg: SpaceConfig, storage: Storage, finished: bool) -> tuple[str, str]:
+    """(generation, folder) this attempt writes to; records its fingerprint in ``run.json``.
+
+    A finished run is never touched: ``--force`` builds a new generation ``g-<id>/`` beside it
+    (tans.space, "build beside, then swap"); an unfinished attempt with the same settings (and
+    generation) resumes from its Ray Train checkpoints; one with other settings starts over.
+    """
+    from tans.space import files_dir, new_generation, space_dir
+
+    run_dir = space_dir(cfg.name)
+    fingerprint = {k: v for k, v in to_dict(cfg).items() if k not in ("force", "max_failures", "root")}
+    previous = storage.read_json(f"{run_dir}/run.json") if storage.is_file(f"{run_dir}/run.json") else None
+    same = previous is not None and {k: v for k, v in previous.items() if k != "generation"} == fingerprint
+    files = previous.get("generation", "") if same else ""
+    live = storage.read_json(f"{run_dir}/space.json").get("files", "") if finished else None
+    if files == live:
+        files = new_generation()  # never write into the files a finished space.json names
+    out_dir = files_dir(cfg.name, files)
+    if not same:
+        if previous is not None:
+            print("[space] an unfinished run with other settings exists: starting over")
+        storage.delete(f"{out_dir}/ray_train")
+        storage.delete(f"{out_dir}/tb")
+    storage.write_json(f"{run_dir}/run.json", {**fingerprint, "generation": files})
+    return files, out_dir
+
+
 def train_space(cfg: SpaceConfig, storage: Storage) -> str:
     """Train (or reuse) the space ``cfg.name``; returns its URI."""
+    import torch  # here, not at the top: a bad config or name is refused before torch loads
+
     from jobs.extract_queries import extract_queries, extractor_spec, space_tasks
-    from tans.space import finish_space, index_table, read_space_info, save_model_state, space_dir
+    from tans.space import files_dir, finish_space, index_table, read_space_info, save_model_state, space_dir
     from tans.space_training import SpaceModel, ZooArrays, evaluate_space, index_embeddings
     from tans.supernets import get_family
     from tans.zoo import read_manifest, read_zoo
 
     run_dir = space_dir(cfg.name)
-    if storage.is_file(f"{run_dir}/space.json") and not cfg.force:
+    finished = storage.is_file(f"{run_dir}/space.json")
+    if finished and not cfg.force:
         info = read_space_info(storage, cfg.name)
         if info.get("zoo") != cfg.zoo:
             from tans.zoo import ZooError
@@ -242,7 +273,8 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
             raise ZooError(f"space {cfg.name!r} was trained on zoo {info.get('zoo')!r}, not {cfg.zoo!r}: "
                            "pick another name or use --force")
         print(f"[space] reusing the finished space {storage.uri_of(run_dir)}")
-        print(format_table(storage.read_json(f"{run_dir}/metrics.json")["val"]))
+        metrics_rel = f"{files_dir(cfg.name, info.get('files', ''))}/metrics.json"
+        print(format_table(storage.read_json(metrics_rel)["val"]))
         return storage.uri_of(run_dir)
 
     t_start = time.perf_counter()
@@ -262,15 +294,11 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
         "val_tasks": val, "architecture": {"embed_dim": cfg.embed_dim, "hidden": cfg.hidden,
                                            "attention": cfg.attention, "predictor_hidden": cfg.predictor_hidden},
     }
-    if cfg.force:
-        storage.delete(f"{run_dir}/space.json")
-        storage.delete(run_dir)
-    fingerprint = {k: v for k, v in to_dict(cfg).items() if k not in ("force", "max_failures", "root")}
-    if storage.is_file(f"{run_dir}/run.json") and storage.read_json(f"{run_dir}/run.json") != fingerprint:
-        print("[space] an unfinished run with other settings exists: starting over")
-        storage.delete(f"{run_dir}/ray_train")
-        storage.delete(f"{run_dir}/tb")
-    storage.write_json(f"{run_dir}/run.json", fingerprint)
+    files, out_dir = _files_for_run(cfg, storage, finished)
+    info["files"] = files
+    print(f"[space] {cfg.name}: zoo {cfg.zoo} ({manifest.rows} models), {len(train)} meta-train / {len(val)} "
+          f"meta-val tasks, features {feature_dim}-d from {spec.name}; {cfg.steps} steps on "
+          f"{cfg.num_workers} worker(s) -> {storage.uri_of(out_dir)}", flush=True)
 
     from tans import runtime
 
@@ -282,17 +310,14 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
         "root": storage.uri, "zoo": cfg.zoo, "extractor": spec.name, "train_tasks": train, "val_tasks": val,
         "info": info, "seed": cfg.seed, "steps": cfg.steps, "eval_every": cfg.eval_every, "lr": cfg.lr,
         "weight_decay": cfg.weight_decay, "lam": cfg.lam, "margin": cfg.margin, "per_class": cfg.per_class,
-        "tasks_per_step": cfg.tasks_per_step, "threads": cfg.cpus_per_worker, "tb_rel": f"{run_dir}/tb",
+        "tasks_per_step": cfg.tasks_per_step, "threads": cfg.cpus_per_worker, "tb_rel": f"{out_dir}/tb",
         "progress": progress,
     }
-    print(f"[space] {cfg.name}: zoo {cfg.zoo} ({manifest.rows} models), {len(train)} meta-train / {len(val)} "
-          f"meta-val tasks, features {feature_dim}-d from {spec.name}; {cfg.steps} steps on "
-          f"{cfg.num_workers} worker(s) -> {storage.uri_of(run_dir)}", flush=True)
     t0 = time.perf_counter()
     printer = threading.Thread(target=drain_progress, args=(progress, _progress_line), daemon=True)
     printer.start()
     try:
-        result = _trainer(cfg, storage, config).fit()
+        result = _trainer(cfg, storage, config, out_dir).fit()
     finally:
         progress.put(None)
         printer.join(timeout=10)
@@ -317,20 +342,20 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
     val_metrics = evaluate_space(model, zoo_all, queries)  # the chosen checkpoint, recomputed here
     embeddings = index_embeddings(model, zoo_all)
 
-    save_model_state(storage, cfg.name, model.state_dict())
-    storage.write_parquet(f"{run_dir}/index.parquet", index_table(zoo_table, embeddings))
+    save_model_state(storage, cfg.name, model.state_dict(), files)
+    storage.write_parquet(f"{out_dir}/index.parquet", index_table(zoo_table, embeddings))
     metrics = {"val": val_metrics, "val_tasks": val, "train_tasks": train, "best_step": best["step"],
                "selection": "lowest meta-val mean rank of the best model, ties by Kendall tau",
                "train_seconds": round(train_s, 1), "history": history}
-    storage.write_json(f"{run_dir}/metrics.json", metrics)
+    storage.write_json(f"{out_dir}/metrics.json", metrics)
     with tempfile.TemporaryDirectory() as tmp:
         png = os.path.join(tmp, "curves.png")
         plot_curves(history, val_metrics["baselines"], png)
         with open(png, "rb") as f:
-            storage.write_bytes(f"{run_dir}/curves.png", f.read())
+            storage.write_bytes(f"{out_dir}/curves.png", f.read())
     info.update({"index_rows": int(zoo_table.num_rows), "best_step": best["step"], "config": to_dict(cfg),
                  "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    finish_space(storage, cfg.name, info)
+    finish_space(storage, cfg.name, info)  # the swap: space.json names `files`; stale files go after
     print(format_table(val_metrics))
     print(f"[space] done in {time.perf_counter() - t_start:.0f}s (best step {best['step']}) -> "
           f"{storage.uri_of(run_dir)} (spaces/LATEST = {cfg.name})")

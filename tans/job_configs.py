@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tans.config import ConfigError, load_config
+from tans.names import check_name, is_bare_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -67,6 +68,7 @@ class SplitsConfig:
         for role in ("meta_train", "meta_val", "meta_test"):
             tasks = getattr(self, role)
             for task in tasks:
+                check_name(task, f"{role} task")
                 if task in seen:
                     raise ValueError(f"{role}: task {task!r} is already in {seen[task]} (splits must be disjoint)")
                 seen[task] = role
@@ -149,6 +151,9 @@ class ZooConfig:
     def validate(self) -> None:
         if not self.name:
             raise ValueError("name: every zoo needs a name (e.g. local-ofa_mbv3_w1.0-48px)")
+        check_name(self.name, "name")
+        for task in [*self.tasks, *self.pretrain_tasks]:
+            check_name(task, "task")
         if self.image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.measure.subnets_per_task < 2:
@@ -164,6 +169,8 @@ class ExtractorConfig:
     name: str = ""  # folder under <root>/queries/; "" derives one (e.g. <zoo>-largest)
 
     def validate(self) -> None:
+        if self.name:
+            check_name(self.name, "extractor.name")
         if self.kind not in ("supernet", "resnet18"):
             raise ValueError(f"kind must be supernet or resnet18, got {self.kind!r}")
         if self.kind == "resnet18" and not self.uri:
@@ -222,6 +229,8 @@ class SpaceConfig:
             raise ValueError("name: every space run needs a name (e.g. local)")
         if not self.zoo:
             raise ValueError("zoo: name the zoo to train on (e.g. local-ofa_mbv3_w1.0-48px)")
+        check_name(self.name, "name")
+        check_name(self.zoo, "zoo")
         if self.steps < 1 or self.eval_every < 1:
             raise ValueError("steps and eval_every must be >= 1")
         if self.per_class < 1:
@@ -270,6 +279,7 @@ class SearchConfig:
     force: bool = False  # redo a finished search
 
     def validate(self) -> None:
+        check_run_refs(self.name, self.space)
         if self.top_k < 1 or self.finetune < 1:
             raise ValueError("top_k and finetune must be >= 1")
         if self.finetune > self.top_k:
@@ -314,6 +324,7 @@ class EvaluateConfig:
     def validate(self) -> None:
         from tans.evaluation import METHODS, REFERENCES
 
+        check_run_refs(self.name, self.space)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be a non-empty list of distinct ints, got {self.seeds}")
         if self.pool_cap < 0 or self.pool_cap == 1:
@@ -330,6 +341,14 @@ class EvaluateConfig:
             raise ValueError(f"scratch_long_factor must be >= 1, got {self.scratch_long_factor}")
         if not self.search:
             raise ValueError("search: name the search config whose fine-tune recipe is the ground truth")
+
+
+def check_run_refs(name: str, space: str) -> None:
+    """A run's own name (when given) and a space given by bare run name must be valid names."""
+    if name:
+        check_name(name, "name")
+    if space and is_bare_name(space):
+        check_name(space, "space")
 
 
 # job name -> config class: `configs/<job>/*.yaml` must load into it (tests check every file).

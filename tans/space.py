@@ -10,6 +10,13 @@ Layout of a finished run (``space.json`` is written after everything it names, a
     spaces/<run>/tb/             TensorBoard logs
     spaces/<run>/space.json      lineage: zoo, family, extractor, image size, feature size, splits
 
+``--force`` on a finished run builds beside it, then swaps: the new files go to a generation folder
+``spaces/<run>/g-<id>/`` (same names as above), and the new ``space.json``, whose ``files`` key
+names that folder, replaces the old one in one atomic write (a rename locally, one PUT on S3, which
+has no atomic directory rename). Until then the old ``space.json`` and the files it names stay
+complete and ``spaces/LATEST`` keeps pointing at a finished run; a crash at any moment leaves the
+old space or the new one, never neither. Files no ``space.json`` names are deleted after the swap.
+
 :func:`load_space` reads it back into a :class:`tans.retrieval.Retriever` (what search and
 serving use). No ``import ray``.
 """
@@ -25,10 +32,14 @@ import torch
 
 from tans.encoders import SpaceError
 from tans.features import ExtractorSpec
-from tans.storage import Storage, StorageError
+from tans.names import NAME_RULE, is_bare_name, is_valid_name
+from tans.storage import CorruptArtifact, Storage, StorageError
 
 LATEST = "spaces/LATEST"
 INDEX_DROP = ("f_emb",)
+GENERATION_PREFIX = "g-"
+# What a run's files folder holds (the run folder itself, or a g-<id>/ generation inside it).
+RUN_FILES = ("model.pt", "index.parquet", "metrics.json", "curves.png", "tb", "ray_train")
 
 
 class SpaceNotFound(SpaceError):
@@ -46,17 +57,43 @@ def index_table(zoo_table: pa.Table, embeddings: torch.Tensor) -> pa.Table:
     return zoo_table.select(keep).append_column("embedding", pa.array(list(emb), type=pa.list_(pa.float32())))
 
 
-def save_model_state(storage: Storage, run: str, state_dict: dict) -> None:
+def files_dir(run: str, files: str = "") -> str:
+    """Where a run's files live: ``spaces/<run>`` or its generation ``spaces/<run>/<files>``."""
+    return f"{space_dir(run)}/{files}" if files else space_dir(run)
+
+
+def new_generation() -> str:
+    """A fresh generation folder name for a forced rebuild (``g-`` + 8 hex digits)."""
+    import uuid
+
+    return f"{GENERATION_PREFIX}{uuid.uuid4().hex[:8]}"
+
+
+def save_model_state(storage: Storage, run: str, state_dict: dict, files: str = "") -> None:
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buf)
-    storage.write_bytes(f"{space_dir(run)}/model.pt", buf.getvalue())
+    storage.write_bytes(f"{files_dir(run, files)}/model.pt", buf.getvalue())
 
 
 def finish_space(storage: Storage, run: str, info: dict, set_latest: bool = True) -> None:
-    """Write ``space.json`` (after the files it names) and then ``spaces/LATEST``."""
+    """Write ``space.json`` (after the files it names) and then ``spaces/LATEST``; drop stale files.
+
+    ``info["files"]`` (default "") names the generation folder the files were written to.
+    """
+    files = info.setdefault("files", "")
     storage.write_json(f"{space_dir(run)}/space.json", info)
     if set_latest:
         storage.write_text(LATEST, run + "\n")
+    drop_stale_files(storage, run, files)
+
+
+def drop_stale_files(storage: Storage, run: str, files: str) -> None:
+    """Delete what the finished ``space.json`` no longer names (old generations, old top-level files)."""
+    for entry in storage.list(space_dir(run)):
+        name = entry.rsplit("/", 1)[-1]
+        other_generation = name.startswith(GENERATION_PREFIX) and name != files
+        if other_generation or (files and name in RUN_FILES):
+            storage.delete(entry)
 
 
 def resolve_space(uri: str | None) -> tuple[Storage, str]:
@@ -69,14 +106,20 @@ def resolve_space(uri: str | None) -> tuple[Storage, str]:
         storage = Storage()
         return storage, _latest(storage)
     text = uri.rstrip("/")
-    if "/" not in text and "\\" not in text and ":" not in text:
-        storage = Storage()
-        return storage, text
+    if is_bare_name(text):
+        _check_run(text, uri)
+        return Storage(), text
     parent, _, run = text.rpartition("/")
     if parent.endswith("/spaces") or parent == "spaces":
+        _check_run(run, uri)
         return Storage(parent[: -len("/spaces")] if parent != "spaces" else "."), run
     storage = Storage(text)
     return storage, _latest(storage)
+
+
+def _check_run(run: str, uri: str) -> None:
+    if not is_valid_name(run):
+        raise SpaceNotFound(f"{uri!r}: {run!r} is not a valid space run name ({NAME_RULE})")
 
 
 def _latest(storage: Storage) -> str:
@@ -86,6 +129,7 @@ def _latest(storage: Storage) -> str:
         raise SpaceNotFound(f"no trained space in {storage.uri} (no {LATEST}); run `tans train-space` first") from None
     if not run:
         raise SpaceNotFound(f"{storage.uri_of(LATEST)} is empty")
+    _check_run(run, storage.uri_of(LATEST))
     return run
 
 
@@ -93,6 +137,8 @@ def read_space_info(storage: Storage, run: str) -> dict:
     rel = f"{space_dir(run)}/space.json"
     try:
         return storage.read_json(rel)
+    except CorruptArtifact:
+        raise
     except (StorageError, FileNotFoundError):
         raise SpaceNotFound(f"no finished space at {storage.uri_of(space_dir(run))} (no space.json)") from None
 
@@ -108,11 +154,12 @@ class IndexColumns:
     table: pa.Table
 
 
-def read_index(storage: Storage, run: str) -> IndexColumns:
-    try:
-        table = storage.read_parquet(f"{space_dir(run)}/index.parquet")
-    except (StorageError, FileNotFoundError):
-        raise SpaceNotFound(f"the space {storage.uri_of(space_dir(run))} has no index.parquet") from None
+def read_index(storage: Storage, run: str, info: dict | None = None) -> IndexColumns:
+    info = read_space_info(storage, run) if info is None else info
+    rel = f"{files_dir(run, info.get('files', ''))}/index.parquet"
+    if not storage.is_file(rel):
+        raise SpaceNotFound(f"the space {storage.uri_of(space_dir(run))} has no index.parquet")
+    table = storage.read_parquet(rel)  # a damaged file: CorruptArtifact, naming it and the rebuild
     emb = table.column("embedding").combine_chunks()
     dim = len(emb[0]) if len(emb) else 0
     return IndexColumns(
@@ -138,12 +185,15 @@ def build_space_model(info: dict):
 
 def load_space_model(storage: Storage, run: str, info: dict):
     model = build_space_model(info)
+    rel = f"{files_dir(run, info.get('files', ''))}/model.pt"
+    if not storage.is_file(rel):
+        raise SpaceNotFound(f"the space {storage.uri_of(space_dir(run))} has no model.pt")
+    state = storage.read_torch(rel)  # a damaged file: CorruptArtifact, naming it and the rebuild
     try:
-        raw = storage.read_bytes(f"{space_dir(run)}/model.pt")
-    except (StorageError, FileNotFoundError):
-        raise SpaceNotFound(f"the space {storage.uri_of(space_dir(run))} has no model.pt") from None
-    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise storage.corrupt(rel, f"does not fit the network space.json describes ({first})") from None
     return model.eval()
 
 
@@ -154,7 +204,7 @@ def load_space(uri: str | None = None):
     storage, run = resolve_space(uri)
     info = read_space_info(storage, run)
     model = load_space_model(storage, run, info)
-    idx = read_index(storage, run)
+    idx = read_index(storage, run, info)
     return Retriever(idx.model_ids, idx.tasks, idx.n_params, idx.flops, idx.families, idx.embeddings,
                      model.query_encoder, model.predictor,
                      info={**info, "run": run, "uri": storage.uri_of(space_dir(run))},

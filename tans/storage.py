@@ -43,6 +43,29 @@ class StorageError(RuntimeError):
     """A storage root that cannot be reached or a path that is not there (one-line message)."""
 
 
+class CorruptArtifact(StorageError):
+    """A file that exists but cannot be parsed (truncated, garbage): names it and how to rebuild it."""
+
+
+# First path component under the root -> the command that rebuilds what lives there.
+REBUILD_COMMANDS = {
+    "tasks": "`tans data ingest SRC --force` (or `tans demo` for the built-in tasks)",
+    "supernets": "`tans build-zoo --config CFG --force`",
+    "zoo": "`tans build-zoo --config CFG` (a corrupt part is rebuilt on the next run)",
+    "queries": "`tans train-space --config CFG queries.force=true`",
+    "spaces": "`tans train-space --config CFG --force`",
+    "searches": "`tans search ... --force`",
+    "evaluations": "`tans evaluate ... --force`",
+    "exports": "`tans search ... --force` (the winner is exported again)",
+}
+
+
+def rebuild_hint(rel: str) -> str:
+    """The command that rebuilds the artifact at ``rel`` (a phrase for error messages)."""
+    stage = rel.strip("/").split("/", 1)[0]
+    return REBUILD_COMMANDS.get(stage, "the command that wrote it")
+
+
 def default_root() -> str:
     """``$TANS_ROOT`` if set, else ``~/.cache/tans`` (expanded)."""
     return os.environ.get("TANS_ROOT") or os.path.expanduser(DEFAULT_ROOT)
@@ -118,9 +141,16 @@ class Storage:
         """The filesystem path of ``rel`` (which must stay inside the root)."""
         rel = rel.strip("/")
         norm = posixpath.normpath(rel) if rel else ""
-        if norm.startswith("..") or norm.startswith("/"):
+        if norm == ".." or norm.startswith("../") or norm.startswith("/"):
             raise StorageError(f"{rel}: path escapes the storage root")
         return posixpath.join(self.base, norm) if norm not in ("", ".") else self.base
+
+    def _inner_path(self, rel: str, action: str) -> str:
+        """``path(rel)`` for a write or delete, which may never touch the root itself."""
+        full = self.path(rel)
+        if full == self.base:
+            raise StorageError(f"refusing to {action} the storage root {self.uri} itself (path {rel!r})")
+        return full
 
     def uri_of(self, rel: str) -> str:
         """The full URI of ``rel`` (``s3://...`` or an absolute local path)."""
@@ -158,12 +188,36 @@ class Storage:
             return f.read()
 
     def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise self.corrupt(rel, f"not valid JSON ({exc.__class__.__name__})") from None
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         if not self.is_file(rel):
             raise StorageError(f"{self.uri_of(rel)}: no such file")
-        return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
+        try:
+            return pq.read_table(self.path(rel), filesystem=self.fs, columns=columns)
+        except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise self.corrupt(rel, f"not a readable Parquet file ({first})") from None
+
+    def read_torch(self, rel: str) -> Any:
+        """A ``torch.save``d state dict, loaded with ``weights_only=True`` on the CPU."""
+        import torch  # here, so that light commands never import torch
+
+        data = self.read_bytes(rel)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, zipfile errors...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise self.corrupt(rel, f"not a readable checkpoint ({first})") from None
+
+    def corrupt(self, rel: str, what: str) -> CorruptArtifact:
+        """The one-line error for a damaged file: which file, what is wrong, what rebuilds it."""
+        return CorruptArtifact(f"{self.uri_of(rel)}: {what}; it is truncated or corrupt - rebuild it with "
+                               f"{rebuild_hint(rel)}")
 
     # -- atomic writes ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -187,7 +241,7 @@ class Storage:
             pq.write_table(table, buf)
 
     def _commit(self, rel: str, data: bytes) -> None:
-        final = self.path(rel)
+        final = self._inner_path(rel, "overwrite")
         if self.is_local:
             directory = posixpath.dirname(final)
             os.makedirs(directory, exist_ok=True)
@@ -212,12 +266,13 @@ class Storage:
 
     # -- deletes ---------------------------------------------------------------------------
     def delete(self, rel: str) -> None:
-        """Delete a file or a whole directory; missing paths are fine."""
+        """Delete a file or a whole directory; missing paths are fine. Never the root itself."""
+        full = self._inner_path(rel, "delete")
         info = self._info(rel)
         if info.type == pafs.FileType.Directory:
-            self._call(lambda: self.fs.delete_dir(self.path(rel)), rel)
+            self._call(lambda: self.fs.delete_dir(full), rel)
         elif info.type == pafs.FileType.File:
-            self._call(lambda: self.fs.delete_file(self.path(rel)), rel)
+            self._call(lambda: self.fs.delete_file(full), rel)
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_bucket(self) -> None:

@@ -9,7 +9,7 @@ unfinished and every reader treats it as absent.
 from __future__ import annotations
 
 import io
-import re
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -18,10 +18,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from tans.storage import Storage, StorageError
+from tans.names import NAME_RE, NAME_RULE, is_valid_name
+from tans.storage import CorruptArtifact, Storage, StorageError
 
 SPLITS = ("train", "test")
-TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TASK_NAME_RE = NAME_RE  # one rule for every name (tans.names)
 PART_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64())])
 FORMAT_VERSION = 1
 
@@ -59,10 +60,8 @@ class TaskInfo:
 
 def check_task_name(name: str) -> str:
     """Return ``name`` if it is a valid task name (URL- and path-safe), else raise TaskError."""
-    if not TASK_NAME_RE.match(name or ""):
-        raise TaskError(
-            f"invalid task name {name!r}: use letters, digits, '_', '-', '.', starting with a letter or digit"
-        )
+    if not is_valid_name(name):
+        raise TaskError(f"invalid task name {name!r}: use {NAME_RULE}")
     return name
 
 
@@ -80,7 +79,7 @@ def list_tasks(storage: Storage) -> list[str]:
     names = []
     for entry in storage.list("tasks"):
         name = entry.split("/", 1)[1]
-        if TASK_NAME_RE.match(name) and task_exists(storage, name):
+        if is_valid_name(name) and task_exists(storage, name):
             names.append(name)
     return names
 
@@ -119,16 +118,20 @@ def write_task(
     """Write a task's parts, then its ``task.json`` (last). Returns the final ``TaskInfo``.
 
     ``images[split]`` are PNG bytes and ``labels[split]`` class indices, for both splits.
-    An existing task is an error unless ``force``; with ``force`` its ``task.json`` goes first
-    (so the old task stops being visible) and then its old parts.
+    An existing task is an error unless ``force``. With ``force`` the new task is built beside the
+    old one, then swapped in: its parts get names of their own (``part-<gen>-00000.parquet``), the
+    new ``task.json`` replaces the old one in one atomic write, and only then are the parts it no
+    longer lists deleted. Until the swap the old task stays complete and readable; a crash at any
+    moment leaves the old task or the new one. An unfinished task (no ``task.json``) is cleared.
     """
     name = check_task_name(info.name)
     base = task_dir(name)
-    if storage.exists(base):
-        if not force and task_exists(storage, name):
-            raise TaskError(f"task {name!r} already exists in {storage.uri} (use --force to replace it)")
-        storage.delete(f"{base}/task.json")
-        storage.delete(base)
+    replacing = task_exists(storage, name)
+    if replacing and not force:
+        raise TaskError(f"task {name!r} already exists in {storage.uri} (use --force to replace it)")
+    if storage.exists(base) and not replacing:
+        storage.delete(base)  # leftovers of an unfinished write: nothing readable to keep
+    prefix = f"part-{uuid.uuid4().hex[:8]}-" if replacing else "part-"
     info.parts, info.counts, info.class_counts = {}, {}, {}
     for split in SPLITS:
         imgs, labs = list(images[split]), np.asarray(labels[split], dtype=np.int64)
@@ -138,7 +141,7 @@ def write_task(
             raise TaskError(f"task {name!r}: labels outside 0..{info.num_classes - 1} in {split}")
         info.parts[split] = []
         for i, start in enumerate(range(0, max(len(imgs), 1), part_rows)):
-            part = f"part-{i:05d}.parquet"
+            part = f"{prefix}{i:05d}.parquet"
             table = pa.table(
                 {"image": pa.array(imgs[start : start + part_rows], pa.binary()), "label": labs[start : start + part_rows]},
                 schema=PART_SCHEMA,
@@ -148,7 +151,12 @@ def write_task(
         info.counts[split] = int(len(labs))
         info.class_counts[split] = np.bincount(labs, minlength=info.num_classes).astype(int).tolist()
     info.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    storage.write_json(f"{base}/task.json", asdict(info))
+    storage.write_json(f"{base}/task.json", asdict(info))  # the swap
+    if replacing:
+        for split in SPLITS:
+            for rel in storage.list(f"{base}/{split}"):
+                if rel.rsplit("/", 1)[-1] not in info.parts[split]:
+                    storage.delete(rel)
     return info
 
 
@@ -161,6 +169,8 @@ def read_split(storage: Storage, name: str, split: str) -> pa.Table:
     for part in info.parts.get(split, []):
         try:
             tables.append(storage.read_parquet(f"{task_dir(name)}/{split}/{part}"))
+        except CorruptArtifact:
+            raise
         except StorageError as exc:
             raise TaskError(f"task {name!r} is incomplete: {exc}") from None
     return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()

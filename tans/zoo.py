@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from tans.storage import Storage, StorageError
+from tans.storage import CorruptArtifact, Storage, StorageError
 
 ZOO_SCHEMA = pa.schema(
     [
@@ -101,6 +101,16 @@ def finished_tasks(storage: Storage, zoo: str) -> set[str]:
     return {p[len(prefix) : -len(".parquet")] for p in storage.list(zoo_dir(zoo)) if p.startswith(prefix) and p.endswith(".parquet")}
 
 
+def readable_part(storage: Storage, zoo: str, task: str) -> bool:
+    """False (and a note on stdout) when a finished task's part is damaged: the build redoes it."""
+    try:
+        storage.read_parquet(part_path(zoo, task), columns=["model_id"])
+        return True
+    except CorruptArtifact as exc:
+        print(f"[zoo] {exc.args[0].split(';')[0]}: rebuilding task {task!r}")
+        return False
+
+
 def write_manifest(storage: Storage, manifest: ZooManifest) -> None:
     storage.write_json(f"{zoo_dir(manifest.name)}/zoo.json", asdict(manifest))
 
@@ -108,6 +118,8 @@ def write_manifest(storage: Storage, manifest: ZooManifest) -> None:
 def read_manifest(storage: Storage, zoo: str) -> ZooManifest:
     try:
         return ZooManifest(**storage.read_json(f"{zoo_dir(zoo)}/zoo.json"))
+    except CorruptArtifact:
+        raise
     except StorageError:
         raise ZooError(f"zoo {zoo!r} not found or unfinished in {storage.uri} (build it with `tans build-zoo`)") from None
 

@@ -109,3 +109,53 @@ def test_rerun_reuses_and_bad_input_is_one_line(tiny_space, tmp_path):
     assert not (root / "spaces" / "bad1" / "space.json").exists()
     assert not (root / "spaces" / "bad2" / "space.json").exists()
     assert (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE
+
+
+@pytest.mark.timeout(1500)
+def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, tmp_path):
+    """`--force` on a finished space: SIGKILLed mid-training, the old space still answers (and
+    LATEST still names it); run again, the new generation swaps in and the old files go."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    src, _ = tiny_space
+    root = tmp_path / "copy"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("searches", "evaluations", "exports"))
+    run = root / "spaces" / TINY_SPACE
+    before = {name: (run / name).read_bytes() for name in ("space.json", "model.pt", "index.parquet")}
+    x, y = torch.randn(20, 448, generator=torch.Generator().manual_seed(0)), torch.arange(5).repeat(4)
+
+    def answer():
+        return [c.model_id for c in Retriever.load(str(root)).retrieve(x, y, k=8).candidates]
+
+    old_answer = answer()
+    cmd = [sys.executable, "-m", "tans.cli", "train-space", "--config", "configs/space/tiny.yaml", "--root", str(root),
+           "--force"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=os.environ.copy())
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline and not list(run.glob("g-*/tb/*")):
+            assert proc.poll() is None, "the forced run ended before it was killed"
+            time.sleep(0.2)
+        assert list(run.glob("g-*/tb/*")), "the forced run never started training"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    for name, data in before.items():
+        assert (run / name).read_bytes() == data, name
+    assert (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE and answer() == old_answer
+
+    again = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), "--force", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    info = json.loads((run / "space.json").read_text())
+    gen = info["files"]
+    assert gen.startswith("g-") and {p.name for p in run.iterdir()} == {"space.json", "run.json", gen}
+    assert (run / gen / "model.pt").is_file() and (run / gen / "metrics.json").is_file()
+    assert len(answer()) == 8 and (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE
