@@ -89,35 +89,39 @@ def main(argv: list[str]) -> int:
     storage = Storage(cfg.root or None)
     tasks, pretrain_tasks, splits_hash = plan_tasks(cfg, storage)
     check_existing_zoo(storage, cfg, splits_hash)
-    t0 = time.perf_counter()
-    print(f"[zoo] {cfg.name}: family {family.name}, {cfg.image_size}px, {len(tasks)} tasks, "
-          f"{cfg.measure.subnets_per_task} subnets per task -> {storage.uri_of('zoo/' + cfg.name)}")
-    storage.write_json(f"supernets/{cfg.name}/config.json", to_dict(cfg))
+    from tans.lease import Lease
 
-    from jobs.pretrain_supernet import pretrain_base
-    from tans import runtime
+    with Lease(storage, f"zoo/{cfg.name}", what="tans build-zoo") as lease:
+        t0 = time.perf_counter()
+        print(f"[zoo] {cfg.name}: family {family.name}, {cfg.image_size}px, {len(tasks)} tasks, "
+              f"{cfg.measure.subnets_per_task} subnets per task -> {storage.uri_of('zoo/' + cfg.name)}")
+        storage.write_json(f"supernets/{cfg.name}/config.json", to_dict(cfg))
 
-    runtime.init_ray()
-    base_rel = pretrain_base(cfg, storage, pretrain_tasks)
-    print(f"[zoo] base supernet: {storage.uri_of(base_rel)} ({time.perf_counter() - t0:.0f}s)")
+        from jobs.pretrain_supernet import pretrain_base
+        from tans import runtime
 
-    done = set() if cfg.force else {t for t in finished_tasks(storage, cfg.name) if readable_part(storage, cfg.name, t)}
-    todo = [t for t in tasks if t not in done]
-    if len(todo) < len(tasks):
-        print(f"[zoo] {len(tasks) - len(todo)} task(s) already measured; skipping them (--force redoes them)")
-    if todo:
-        from jobs._zoo_workers import build_tasks
+        runtime.init_ray()
+        base_rel = pretrain_base(cfg, storage, pretrain_tasks)
+        print(f"[zoo] base supernet: {storage.uri_of(base_rel)} ({time.perf_counter() - t0:.0f}s)")
 
-        nodes = build_tasks(cfg, storage, base_rel, todo)
-        storage.write_json(f"zoo/{cfg.name}/build.json", {"items": nodes, "finished_at": _now()})
-    rows = sum(read_zoo_part_rows(storage, cfg.name, t) for t in tasks)
-    write_manifest(
-        storage,
-        ZooManifest(cfg.name, family.name, cfg.image_size, splits_hash, tasks, rows, to_dict(cfg), _now()),
-    )
-    table = read_zoo(storage, cfg.name)
-    print(format_stats(cfg.name, zoo_stats(table)))
-    print(f"[zoo] done in {time.perf_counter() - t0:.0f}s: {rows} rows -> {storage.uri_of('zoo/' + cfg.name)}")
+        done = set() if cfg.force else {t for t in finished_tasks(storage, cfg.name) if readable_part(storage, cfg.name, t)}
+        todo = [t for t in tasks if t not in done]
+        if len(todo) < len(tasks):
+            print(f"[zoo] {len(tasks) - len(todo)} task(s) already measured; skipping them (--force redoes them)")
+        if todo:
+            from jobs._zoo_workers import build_tasks
+
+            nodes = build_tasks(cfg, storage, base_rel, todo)
+            storage.write_json(f"zoo/{cfg.name}/build.json", {"items": nodes, "finished_at": _now()})
+        rows = sum(read_zoo_part_rows(storage, cfg.name, t) for t in tasks)
+        lease.check()  # another writer took the zoo over: leave the manifest to it
+        write_manifest(
+            storage,
+            ZooManifest(cfg.name, family.name, cfg.image_size, splits_hash, tasks, rows, to_dict(cfg), _now()),
+        )
+        table = read_zoo(storage, cfg.name)
+        print(format_stats(cfg.name, zoo_stats(table)))
+        print(f"[zoo] done in {time.perf_counter() - t0:.0f}s: {rows} rows -> {storage.uri_of('zoo/' + cfg.name)}")
     return 0
 
 

@@ -327,6 +327,13 @@ def _task_means(space_root: Storage, info: dict) -> dict:
 
 def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
     """Run (or resume) one evaluation; returns evaluation.json's content."""
+    import contextlib
+
+    with contextlib.ExitStack() as hold:  # holds the run's lease (taken before its first write)
+        return _evaluate(cfg, storage, hold)
+
+
+def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     from tans.features import build_extractor
     from tans.retrieval import Retriever
     from tans.selection_metrics import summarise_methods
@@ -374,6 +381,9 @@ def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
             targets.append((src, task, how))
     for _, task, _ in targets:
         allowed_rows(cfg, storage, zoo, zoo_sources, task)
+    from tans.lease import Lease
+
+    lease = hold.enter_context(Lease(storage, run_dir, what="tans evaluate"))  # one writer per run
     storage.write_json(f"{run_dir}/run.json", {"fingerprint": fingerprint, "config": to_dict(cfg)})
 
     from tans import runtime
@@ -381,7 +391,9 @@ def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
     runtime.init_ray()
     extractor = build_extractor(retriever.extractor_spec)
     task_means = _task_means(space_root, info)
-    base_uri = space_root.uri_of(f"supernets/{info['zoo']}/base/model.pt")
+    from tans.zoo import base_model_rel
+
+    base_uri = space_root.uri_of(base_model_rel(space_root, info["zoo"]))
     records = []
     for i, (src, task, how) in enumerate(targets):
         for seed in cfg.seeds:
@@ -394,6 +406,7 @@ def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
             record = evaluate_target(cfg, recipe, storage, run_dir, zoo, extractor, task_means, zoo_sources, base_uri,
                                      task, seed)
             record.update(src=src, how=how, seconds=round(time.perf_counter() - t0, 1))
+            lease.check()
             storage.write_json(rel, record)
             records.append(record)
             _print_record(record, i + 1, len(targets))
@@ -411,6 +424,7 @@ def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
         plot_evaluation(evaluation, png)
         with open(png, "rb") as f:
             storage.write_bytes(f"{run_dir}/evaluation.png", f.read())
+    lease.check()  # another writer took the run over: leave the result to it
     storage.write_json(f"{run_dir}/evaluation.json", evaluation)  # last: marks the evaluation as finished
     print(md.split("## Top-1 regret per task")[0].rstrip())
     print(f"[evaluate] done in {evaluation['seconds']:.0f}s -> {storage.uri_of(run_dir)}/evaluation.md", flush=True)

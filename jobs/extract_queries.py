@@ -28,7 +28,7 @@ from jobs._common import run_main, split_overrides
 from tans.features import ExtractorSpec, query_path
 from tans.job_configs import QueriesConfig, SpaceConfig, load_job_config, load_splits
 from tans.storage import Storage
-from tans.zoo import ZooError, read_manifest
+from tans.zoo import ZooError, base_model_rel, read_manifest
 
 
 def task_seed(seed: int, task: str) -> list[int]:
@@ -41,7 +41,7 @@ def extractor_spec(cfg: SpaceConfig, storage: Storage) -> ExtractorSpec:
     manifest = read_manifest(storage, cfg.zoo)  # ZooError (one line) if the zoo is not there
     ex = cfg.extractor
     if ex.kind == "supernet":
-        uri = ex.uri or storage.uri_of(f"supernets/{cfg.zoo}/base/model.pt")
+        uri = ex.uri or storage.uri_of(base_model_rel(storage, cfg.zoo))
         name = ex.name or (f"{cfg.zoo}-largest" if not ex.uri else "")
         return ExtractorSpec(kind="supernet", uri=uri, family=manifest.family, image_size=manifest.image_size, name=name)
     return ExtractorSpec(kind=ex.kind, uri=ex.uri, image_size=manifest.image_size, name=ex.name)
@@ -85,7 +85,12 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
 
     for t in tasks:
         read_task_info(storage, t)  # TaskError (one line) before any actor starts
-    todo = [t for t in tasks if q.force or not storage.is_file(query_path(spec.name, t))]
+    made_by = f"queries/{spec.name}/extractor.json"
+    stale = (spec.sha256 and storage.is_file(made_by)
+             and storage.read_json(made_by).get("sha256", "") not in ("", spec.sha256))
+    if stale:
+        print(f"[queries] the extractor of {spec.name} changed since its queries were made: extracting them again")
+    todo = [t for t in tasks if q.force or stale or not storage.is_file(query_path(spec.name, t))]
     storage.write_json(f"queries/{spec.name}/extractor.json", spec.to_dict())
     if not todo:
         print(f"[queries] all {len(tasks)} tasks already have {spec.name} queries")

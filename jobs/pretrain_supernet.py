@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import posixpath
 import sys
 import tempfile
 import threading
@@ -281,6 +282,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
             if done.get(key) != want:
                 raise ZooError(f"the base supernet of zoo {cfg.name!r} was trained with {key}={done.get(key)!r}, "
                                f"not {want!r}: pick another zoo name or use --force")
+        model_rel = done.get("model") or model_rel
         print(f"[pretrain] reusing the finished base supernet {storage.uri_of(model_rel)}")
         return model_rel
 
@@ -298,19 +300,12 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
         )
     init_state = _initial_state(family, layout.num_classes, p.init)
 
-    if cfg.force:
-        storage.delete(done_rel)  # the old base stops being "finished" first
-        storage.delete(base)
     # What the weights depend on; a leftover run with other settings cannot be resumed.
     settings = {k: v for k, v in to_dict(p).items() if k != "max_failures"}
     fingerprint = {"family": cfg.family, "image_size": cfg.image_size, "seed": cfg.seed, "tasks": list(tasks),
                    "pretrain": settings}
-    run_rel = f"{base}/run.json"
-    if storage.is_file(run_rel) and storage.read_json(run_rel) != fingerprint:
-        print("[pretrain] an unfinished run with other settings exists: starting over")
-        storage.delete(f"{base}/ray_train")
-        storage.delete(f"{base}/tb")
-    storage.write_json(run_rel, fingerprint)
+    out = _attempt_dir(storage, base, fingerprint, finished=storage.is_file(done_rel))
+    model_rel = f"{out}/model.pt"
 
     from tans import runtime
 
@@ -324,7 +319,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
         "root": storage.uri, "layout": layout, "family": cfg.family, "image_size": cfg.image_size,
         "seed": cfg.seed, "epochs": p.epochs, "batch_per_worker": batch_per_worker, "lr": p.lr,
         "momentum": p.momentum, "weight_decay": p.weight_decay, "random_subnets": p.random_subnets,
-        "init_ref": ray.put(init_state) if init_state is not None else None, "tb_rel": f"{base}/tb",
+        "init_ref": ray.put(init_state) if init_state is not None else None, "tb_rel": f"{out}/tb",
         "progress": progress, "trace_dir": trace_dir, "fail_at_epoch": int(fail_at) if fail_at and trace_dir else -1,
     }
     print(f"[pretrain] {cfg.name}: {family.name} at {cfg.image_size}px on {len(tasks)} tasks, {pooled} images, "
@@ -333,7 +328,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
     printer = threading.Thread(target=drain_progress, args=(progress, _progress_line), daemon=True)
     printer.start()
     try:
-        result = _trainer(cfg, storage, config).fit()
+        result = _trainer(cfg, storage, config, out).fit()
     finally:
         progress.put(None)
         printer.join(timeout=10)
@@ -352,11 +347,49 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
         "splits_hash": splits.digest(), "tasks": list(tasks), "class_offsets": layout.offsets,
         "num_classes": layout.num_classes, "images": pooled, "metrics": state["history"][-1] if state["history"] else {},
         "history": state["history"], "wall_s": round(time.perf_counter() - t0, 1), "model": model_rel,
-        "ray_train": storage.uri_of(f"{base}/ray_train/{RUN_NAME}"),
+        "ray_train": storage.uri_of(f"{out}/ray_train/{RUN_NAME}"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })  # written last: it marks the base as finished
+    })  # written last: it marks the base as finished (and, after --force, swaps the new one in)
+    _drop_stale(storage, base, out)
     print(f"[pretrain] done in {time.perf_counter() - t0:.0f}s -> {storage.uri_of(model_rel)}")
     return model_rel
+
+
+# What one attempt writes: in base/ for a first build, in base/g-<id>/ for a forced rebuild.
+ATTEMPT_FILES = ("model.pt", "ray_train", "tb")
+
+
+def _attempt_dir(storage: Storage, base: str, fingerprint: dict, finished: bool) -> str:
+    """The folder this attempt trains into; records it with the fingerprint in ``run.json``.
+
+    A finished base is never touched: ``--force`` trains a generation ``base/g-<id>/`` beside it,
+    and only the new ``done.json`` (written last, atomically) makes it the base. An unfinished
+    attempt with the same settings resumes in its folder; one with other settings starts over.
+    """
+    import uuid
+
+    run_rel = f"{base}/run.json"
+    previous = storage.read_json(run_rel) if storage.is_file(run_rel) else None
+    same = previous is not None and {k: v for k, v in previous.items() if k != "attempt"} == fingerprint
+    out = previous.get("attempt", base) if same else base
+    live = posixpath.dirname(storage.read_json(f"{base}/done.json").get("model", f"{base}/model.pt")) if finished else None
+    if out == live:
+        out = f"{base}/g-{uuid.uuid4().hex[:8]}"  # never train into the folder a finished done.json names
+    if not same:
+        if previous is not None:
+            print("[pretrain] an unfinished run with other settings exists: starting over")
+        storage.delete(f"{out}/ray_train")
+        storage.delete(f"{out}/tb")
+    storage.write_json(run_rel, {**fingerprint, "attempt": out})
+    return out
+
+
+def _drop_stale(storage: Storage, base: str, out: str) -> None:
+    """After the swap: delete the generations and top-level files the new ``done.json`` does not name."""
+    for entry in storage.list(base):
+        name = entry.rsplit("/", 1)[-1]
+        if (name.startswith("g-") and entry != out) or (out != base and name in ATTEMPT_FILES):
+            storage.delete(entry)
 
 
 def _check_tasks(tasks: list[str], splits, splits_path: str) -> None:
@@ -380,14 +413,14 @@ def _initial_state(family, num_classes: int, init: str) -> dict | None:
     return model.state_dict()
 
 
-def _trainer(cfg: ZooConfig, storage: Storage, config: dict):
+def _trainer(cfg: ZooConfig, storage: Storage, config: dict, out: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     p = cfg.pretrain
     run_config = RunConfig(
         name=RUN_NAME,
-        storage_path=storage.path(f"{base_dir(cfg.name)}/ray_train"),
+        storage_path=storage.path(f"{out}/ray_train"),
         storage_filesystem=None if storage.is_local else storage.fs,
         failure_config=FailureConfig(max_failures=p.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -228,9 +228,54 @@ def _space_root(retriever) -> Storage:
     return Storage(uri[: uri.rindex("/spaces/")])
 
 
+# Settings that only say how fast or where a search runs: they never make it another search.
+NOT_IN_FINGERPRINT = ("force", "root", "name", "cpus_per_trial", "gpus_per_trial", "max_failures")
+
+
+def search_fingerprint(cfg: SearchConfig, task: str, space_info: dict) -> dict:
+    """What a search's answer depends on: its settings, its dataset, and the exact space it used."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    return {"settings": settings, "task": task,
+            "space": {k: space_info.get(k) for k in ("uri", "zoo", "created_at", "files")}}
+
+
+def check_run(storage: Storage, run_dir: str, fingerprint: dict, force: bool) -> None:
+    """Refuse (one line) to reuse or resume run ``run_dir`` when it was made from other inputs.
+
+    Reuse by name alone would hand back the old report for another dataset, other settings or a
+    retrained space. ``--force`` redoes the run: its interrupted trials of other settings go, the
+    old report stays until the new one lands. The record (``run.json``) is written by
+    :func:`claim_run` once the inputs are known to be good.
+    """
+    rel = f"{run_dir}/run.json"
+    if storage.is_file(rel):
+        old = storage.read_json(rel)
+        if old != fingerprint and force:
+            storage.delete(f"{run_dir}/tune")  # trials of other settings must not be resumed
+        elif old != fingerprint:
+            diff = sorted(k for k in {**old.get("settings", {}), **fingerprint["settings"]}
+                          if old.get("settings", {}).get(k) != fingerprint["settings"].get(k))
+            diff += [k for k in ("task", "space") if old.get(k) != fingerprint[k]]
+            raise SearchError(f"search run {run_dir.rsplit('/', 1)[-1]!r} in {storage.uri} was made with other "
+                              f"inputs ({', '.join(diff)} differ): pick another --name or pass --force")
+
+
+def claim_run(storage: Storage, run_dir: str, fingerprint: dict) -> None:
+    storage.write_json(f"{run_dir}/run.json", fingerprint)
+
+
 def search(cfg: SearchConfig, storage: Storage) -> dict:
     """Run (or reuse) one search; returns the report (also written to searches/<run>/report.json)."""
+    import contextlib
+
+    with contextlib.ExitStack() as hold:  # holds the run's lease (taken before its first write)
+        return _search(cfg, storage, hold)
+
+
+def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     import torch
+
+    from tans.lease import Lease
 
     from tans.features import build_extractor, query_from_tensors, read_query
     from tans.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask
@@ -242,6 +287,8 @@ def search(cfg: SearchConfig, storage: Storage) -> dict:
     task, how = prepare_dataset(storage, cfg.dataset, image_size)
     run = run_name(cfg, task)
     run_dir = f"searches/{run}"
+    fingerprint = search_fingerprint(cfg, task, info)
+    check_run(storage, run_dir, fingerprint, cfg.force)
     if storage.is_file(f"{run_dir}/report.json") and not cfg.force:
         report = storage.read_json(f"{run_dir}/report.json")
         print(f"[search] reusing the finished search {storage.uri_of(run_dir)}")
@@ -285,7 +332,11 @@ def search(cfg: SearchConfig, storage: Storage) -> dict:
           f"fine-tuning {len(fine)} x {len(cfg.lrs)} lr x {len(seeds)} seed(s) for {cfg.epochs} epoch(s)", flush=True)
     from tans import runtime
 
+    lease = hold.enter_context(Lease(storage, run_dir, what="tans search"))  # one writer per run
+    if storage.is_file(f"{run_dir}/report.json") and not cfg.force:  # finished while we prepared: reuse it
+        return storage.read_json(f"{run_dir}/report.json")
     runtime.init_ray()
+    claim_run(storage, run_dir, fingerprint)
     storage.write_json(f"{run_dir}/search.json", {"config": to_dict(cfg), "task": task, "space": info["run"]})
     cand_specs = [spec_of(rows[c.model_id], "candidate", f"cand{i}-lr{lr:g}-s{s}", s, lr, cfg.epochs, cand=c)
                   for i, c in enumerate(fine) for lr in cfg.lrs for s in seeds]
@@ -309,7 +360,9 @@ def search(cfg: SearchConfig, storage: Storage) -> dict:
                                                  weights=None) for s in seeds]
         extra["scratch_matched"] = {"epochs": matched}
     if "generic" in cfg.baselines:
-        base = space_root.uri_of(f"supernets/{zoo}/base/model.pt")
+        from tans.zoo import base_model_rel
+
+        base = space_root.uri_of(base_model_rel(space_root, zoo))
         base_specs["generic"] = [spec_of(w_row, "generic", f"generic-s{s}", s, w_lr, cfg.epochs, weights=base) for s in seeds]
     if "random" in cfg.baselines:
         picks = pick_random(pool, cfg.random_models, cfg.seed)
@@ -418,6 +471,7 @@ def search(cfg: SearchConfig, storage: Storage) -> dict:
         plot_report(report, png)
         with open(png, "rb") as f:
             storage.write_bytes(f"{run_dir}/report.png", f.read())
+    lease.check()  # another writer took the run over: leave the report to it
     storage.write_json(f"{run_dir}/report.json", report)  # last: marks the search as finished
     print(report_markdown(report).split("## Candidates")[0].rstrip())
     print(f"[search] done in {report['search_seconds']:.0f}s -> {storage.uri_of(run_dir)}", flush=True)

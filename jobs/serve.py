@@ -27,6 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--token-env", default=None,
                         help="environment variable holding the bearer token (default TANS_SERVE_TOKEN); unset = no auth")
+    parser.add_argument("--behind-auth-proxy", action="store_true",
+                        help="allow a non-loopback --host without a token: an authenticating proxy is the only way in")
     return parser.parse_args(argv)
 
 
@@ -50,13 +52,16 @@ def _ensure_serve_importable() -> None:
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     _ensure_serve_importable()
-    from serve.args import DEFAULT_TOKEN_ENV, AppArgs
+    from serve.args import DEFAULT_TOKEN_ENV, AppArgs, check_exposure
     from serve.spaces import resolve_space_uri
     from tans.storage import Storage
 
+    token_env = ns.token_env or DEFAULT_TOKEN_ENV
+    # before Ray: nothing may listen beyond loopback, even for a moment, without authentication
+    check_exposure(ns.host, _has_token(token_env), ns.behind_auth_proxy)
     root = Storage(ns.root).uri
     space = resolve_space_uri(root, ns.space)  # SpaceNotFound -> "error: ..." and exit 1, before Ray
-    args = AppArgs(root=root, space=space, auth_token_env=ns.token_env or DEFAULT_TOKEN_ENV)
+    args = AppArgs(root=root, space=space, auth_token_env=token_env, behind_auth_proxy=ns.behind_auth_proxy)
 
     from ray import serve
 

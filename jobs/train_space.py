@@ -255,13 +255,7 @@ def _files_for_run(cfg: SpaceConfig, storage: Storage, finished: bool) -> tuple[
 
 def train_space(cfg: SpaceConfig, storage: Storage) -> str:
     """Train (or reuse) the space ``cfg.name``; returns its URI."""
-    import torch  # here, not at the top: a bad config or name is refused before torch loads
-
-    from jobs.extract_queries import extract_queries, extractor_spec, space_tasks
-    from tans.space import files_dir, finish_space, index_table, read_space_info, save_model_state, space_dir
-    from tans.space_training import SpaceModel, ZooArrays, evaluate_space, index_embeddings
-    from tans.supernets import get_family
-    from tans.zoo import read_manifest, read_zoo
+    from tans.space import files_dir, read_space_info, space_dir
 
     run_dir = space_dir(cfg.name)
     finished = storage.is_file(f"{run_dir}/space.json")
@@ -277,11 +271,34 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
         print(format_table(storage.read_json(metrics_rel)["val"]))
         return storage.uri_of(run_dir)
 
+    from tans.lease import Lease
+
+    with Lease(storage, run_dir, what="tans train-space") as lease:
+        now_finished = storage.is_file(f"{run_dir}/space.json")
+        if now_finished and not cfg.force:  # another writer finished it just before us: reuse it
+            return train_space(cfg, storage)
+        return _train_new(cfg, storage, now_finished, lease)
+
+
+def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str:
+    """Train the space ``cfg.name`` (holding its lease), swap it in, return its URI."""
+    import torch
+
+    from jobs.extract_queries import extract_queries, extractor_spec, space_tasks
+    from tans.space import finish_space, index_table, save_model_state, space_dir
+    from tans.space_training import SpaceModel, ZooArrays, evaluate_space, index_embeddings
+    from tans.supernets import get_family
+    from tans.zoo import read_manifest, read_zoo
+
+    run_dir = space_dir(cfg.name)
     t_start = time.perf_counter()
     manifest = read_manifest(storage, cfg.zoo)
     family = get_family(manifest.family)
     train, val = space_tasks(cfg, storage)
     spec = extractor_spec(cfg, storage)
+    from tans.features import checkpoint_sha256
+
+    spec.sha256 = checkpoint_sha256(spec.uri) if spec.uri else ""  # lineage: consumers check it
     extract_queries(storage, spec, train + val, cfg.queries)
     from tans.features import read_query
 
@@ -355,6 +372,7 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
             storage.write_bytes(f"{out_dir}/curves.png", f.read())
     info.update({"index_rows": int(zoo_table.num_rows), "best_step": best["step"], "config": to_dict(cfg),
                  "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    lease.check()  # another writer took the run over: leave the swap to it
     finish_space(storage, cfg.name, info)  # the swap: space.json names `files`; stale files go after
     print(format_table(val_metrics))
     print(f"[space] done in {time.perf_counter() - t_start:.0f}s (best step {best['step']}) -> "

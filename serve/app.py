@@ -12,6 +12,23 @@ index. If one side does not hold the other's space (a replica that started after
 the ingress asks the Encoder again pinned to the Index's space, retrying briefly until both hold
 it (``switch_timeout_s``, then 503). Every response names the space run that answered it.
 
+Untrusted input is bounded in the ingress (the numbers are AppArgs' defaults, serve/args.py):
+
+* a replica holds at most ``max_queued_requests`` (32) API requests at once; one more is
+  answered 503 with ``Retry-After`` before its body is read, so a flood costs no parsing;
+* each request has ``request_timeout_s`` (60 s) from arrival to answer, else 504;
+* the body is at most ``max_body_mb`` (32 MB), at most ``max_images`` (2,000) images, each at
+  most ``max_image_side`` (1,024) px a side and ``max_image_pixels`` (1 M) px, and the images'
+  width x height summed at most ``max_pixels_per_request`` (64 M): all checked from the headers
+  before any pixel is decoded (413), and each image is resized to the extractor's size as it is
+  decoded (serve/inputs.py), so decoded memory is ``n_images x 3 x side^2`` of the extractor;
+* body parsing and image decoding run in worker threads, so the event loop (and /v1/healthz)
+  keeps answering while a big request is parsed;
+* with a token, every route but ``/v1/healthz`` needs it, the API docs (``/docs``, ``/redoc``,
+  ``/openapi.json``) included;
+* ``build_app`` refuses (:class:`serve.args.ExposureError`, a one-line error) to build the app
+  when Serve listens on a non-loopback address with no token, unless ``behind_auth_proxy``.
+
 No ``from __future__ import annotations`` here: Serve reads ``app_builder``'s annotation (a
 pydantic model) to validate the config's ``args``, and FastAPI reads the route signatures.
 """
@@ -20,31 +37,33 @@ import asyncio
 import hashlib
 import hmac
 import os
+import threading
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.args import AppArgs
+from serve.args import RETRY_AFTER_S, AppArgs, check_exposure
 from serve.deployments import Encoder, Index
 from serve.inputs import (
     ApiError,
     ErrorBody,
+    ImageLimits,
     Query,
     RetrieveRequest,
     RetrieveResponse,
     check_count,
+    check_image_headers,
     check_labels,
     dataset_query,
-    decode_base64,
-    decode_image,
+    decode_resized,
     parse_json_request,
     parse_multipart_request,
-    stack_if_uniform,
 )
 from serve.spaces import SpaceSwitchTimeout, with_one_space
 
@@ -53,18 +72,27 @@ Retrieve the best pretrained subnets of a model zoo for a new image dataset (TAN
 
 Send a query as JSON (base64 PNG/JPEG `images` + `labels`), as `multipart/form-data` (image file
 parts named `images` + `labels` as repeated fields or `0,1,1`), or name a `dataset` (a task in the
-service's storage root). Images of any size and mode are accepted: each is converted to RGB and
-resized to the space's extractor image size (bilinear, antialiased); the response counts the
-resized ones. Every error is `{"error": "..."}` with a 4xx status. When the service has a token
-(environment variable `TANS_SERVE_TOKEN` by default), every `/v1` route except `/v1/healthz` needs
-`Authorization: Bearer <token>`.
+service's storage root). Images of any mode are accepted: each is converted to RGB and resized to
+the space's extractor image size (bilinear, antialiased) as it is decoded; the response counts the
+resized ones. Every error is `{"error": "..."}` with a 4xx or 5xx status.
+
+Limits (the service's settings; defaults in brackets): body `max_body_mb` [32 MB], `max_images` [2000]
+a request, `max_image_side` [1024 px] and `max_image_pixels` [1,048,576] an image, and
+`max_pixels_per_request` [64,000,000]: the images' width x height summed, read from their headers
+before any is decoded (413 over any of them); `request_timeout_s` [60 s] from arrival to answer (504);
+`max_queued_requests` [32] requests held at once by one ingress replica (503 with `Retry-After` beyond).
+
+When the service has a token (environment variable `TANS_SERVE_TOKEN` by default), every route
+except `/v1/healthz` needs `Authorization: Bearer <token>`, these docs and `/openapi.json` included.
 """
 
 ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in [
     (400, "malformed request (says which field)"), (401, "missing or wrong bearer token"),
-    (404, "unknown model or dataset"), (413, "too many images, body or image too large"),
+    (404, "unknown model or dataset"),
+    (413, "too many images, or body, image or the request's decoded pixels over their limit"),
     (422, "no model satisfies the constraints (names the smallest model)"),
-    (503, "the service is switching spaces; retry")]}
+    (503, "the replica holds max_queued_requests already (see Retry-After), or it is switching spaces; retry"),
+    (504, "the request took more than request_timeout_s")]}
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -76,7 +104,9 @@ _MULTIPART_SCHEMA = {
     },
 }
 
-api = FastAPI(title="TANS retrieval", version="1", description=API_DESCRIPTION)
+# The docs routes are the Ingress's own (below), so that they need the token when there is one.
+api = FastAPI(title="TANS retrieval", version="1", description=API_DESCRIPTION, docs_url=None, redoc_url=None,
+              openapi_url=None)
 bearer = HTTPBearer(auto_error=False, description="the token in the service's auth_token_env variable")
 
 
@@ -86,8 +116,10 @@ def _error(status: int, message: str, headers: dict | None = None) -> JSONRespon
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError):
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return _error(exc.status, exc.message, headers)
+    headers = dict(exc.headers or {})
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return _error(exc.status, exc.message, headers or None)
 
 
 @api.exception_handler(RequestValidationError)
@@ -120,6 +152,35 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _root_path(request: Request) -> str:
+    """The route prefix the app is served under ("" at /). Defined before the Ingress: Serve ships the
+    class with a copy of the globals it references, taken when the class is decorated."""
+    return request.scope.get("root_path", "").rstrip("/")
+
+
+def serving_host() -> str | None:
+    """The address Serve's HTTP proxies listen on (None: no proxy), read from the running Serve.
+
+    With no Serve running in this process's Ray (or no Ray), the address a ``serve.run`` would
+    start it on: Serve's default (127.0.0.1, or ``$RAY_SERVE_DEFAULT_HTTP_HOST``). A config file
+    deployed with ``serve run``/``serve deploy``/KubeRay starts Serve first (on the config's
+    ``http_options.host``, default 0.0.0.0), so the builder reads that one.
+    """
+    import ray
+    from ray.serve.config import HTTPOptions
+
+    if ray.is_initialized():
+        from ray.serve.context import _get_global_client
+
+        try:
+            client = _get_global_client(raise_if_no_controller_running=False)
+        except Exception as exc:  # noqa: BLE001 - fail closed: an unknown address is not loopback
+            return f"<unknown address: {type(exc).__name__}>"
+        if client is not None:
+            return client.http_config.host
+    return HTTPOptions().host
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=128,
@@ -132,15 +193,21 @@ class Ingress:
     def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle, args: AppArgs,
                  token_sha256: str | None = None):
         import torch
+        from PIL import PngImagePlugin
 
         from tans.storage import Storage
 
         torch.set_num_threads(1)
+        # PNG text and ICC chunks are decompressed while the header is read: at most 4 MiB an image
+        # here (PIL's default is 64 MiB), so header checks of 2,000 images stay cheap.
+        PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 4 * 1024 * 1024)
         self.encoder, self.index, self.args = encoder, index, args
         self.storage = Storage(args.root)
         own = os.environ.get(args.auth_token_env, "")
         # The builder hands over only a hash of the token, so no secret sits in the deployment's args.
         self.token_sha256 = token_sha256 or (hashlib.sha256(own.encode()).hexdigest() if own else None)
+        self.limits = ImageLimits(args.max_image_side, args.max_image_pixels, args.max_pixels_per_request)
+        self.in_flight = 0  # API requests this replica holds now (one event loop: no lock needed)
 
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.token_sha256 is None:
@@ -149,17 +216,43 @@ class Ingress:
         if not hmac.compare_digest(given, self.token_sha256):
             raise ApiError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)")
 
-    async def _query(self, request: Request) -> tuple[RetrieveRequest, Query]:
+    async def _bounded(self, work):
+        """``await work(cancelled)`` counted against ``max_queued_requests`` (503) within ``request_timeout_s`` (504).
+
+        ``cancelled`` (a threading.Event) is set when the request ends for any reason, so work in
+        a worker thread (image decoding) stops between two images instead of running on unseen.
+        """
+        args = self.args
+        if self.in_flight >= args.max_queued_requests:
+            raise ApiError(503, f"this replica already holds {self.in_flight} requests (max_queued_requests); "
+                                f"retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.in_flight += 1
+        cancelled = threading.Event()
+        try:
+            async with asyncio.timeout(args.request_timeout_s) as deadline:
+                return await work(cancelled)
+        except TimeoutError:
+            if deadline.expired():
+                raise ApiError(504, f"the request took more than {args.request_timeout_s:g} s "
+                                    "(request_timeout_s)") from None
+            raise
+        finally:
+            cancelled.set()
+            self.in_flight -= 1
+
+    async def _query(self, request: Request, cancelled: threading.Event) -> tuple[RetrieveRequest, Query, int]:
+        """(request, query, images the ingress resized): body read, parsed and decoded off the event loop."""
         args = self.args
         body = await read_body(request, args.max_body_bytes)
         content_type = request.headers.get("content-type", "")
         files = None
         if content_type.lower().startswith("multipart/form-data"):
-            req, files = parse_multipart_request(body, content_type)
+            req, files = await asyncio.to_thread(parse_multipart_request, body, content_type)
             if req.images is not None:
                 raise ApiError(400, "images: in a multipart request send images as file parts, not a field")
         else:
-            req = parse_json_request(body)
+            req = await asyncio.to_thread(parse_json_request, body)
+        del body
         if req.k > args.max_k:
             raise ApiError(400, f"k: {req.k} is more than this service's max_k of {args.max_k}")
         has_images = bool(files) or req.images is not None
@@ -172,24 +265,25 @@ class Ingress:
             if per_class > args.max_per_class:
                 raise ApiError(400, f"per_class: {per_class} is more than this service's max of {args.max_per_class}")
             query = await asyncio.to_thread(dataset_query, self.storage, req.dataset, req.split, per_class,
-                                            req.seed, args.max_images, args.max_image_side)
-            return req, query
+                                            req.seed, args.max_images, args.max_image_side,
+                                            args.max_pixels_per_request)
+            return req, query, 0
         if not has_images:
             raise ApiError(400, "images (with labels) or dataset: one of them is required")
         raw = files if files is not None else req.images
         check_count(len(raw), args.max_images)
         labels = check_labels(req.labels, len(raw))
+        # 1. headers only: formats, sizes and the pixel budget, before any pixel is decoded
+        datas = await asyncio.to_thread(check_image_headers, raw, self.limits, cancelled)
+        del raw, files
+        req.images = None
+        # 2. decode each image and resize it at once to the size of the space that will encode it
+        target = await self.encoder.image_size.remote()
+        images, resized = await asyncio.to_thread(decode_resized, datas, target["image_size"], self.limits,
+                                                  cancelled)
+        return req, Query(images=images, labels=labels, space_uri=target["space_uri"]), resized
 
-        def decode() -> list:
-            out = []
-            for i, item in enumerate(raw):
-                data = item if isinstance(item, bytes) else decode_base64(item, i)
-                out.append(decode_image(data, i, args.max_image_side))
-            return stack_if_uniform(out)
-
-        return req, Query(images=await asyncio.to_thread(decode), labels=labels)
-
-    async def _answer(self, req: RetrieveRequest, query: Query) -> dict:
+    async def _answer(self, req: RetrieveRequest, query: Query, resized: int = 0) -> dict:
         """Encode and search with one space (serve/spaces.py:with_one_space)."""
 
         async def encode(pin):
@@ -203,12 +297,14 @@ class Ingress:
             return res
 
         try:
-            encoded, searched = await with_one_space(encode, search, self.args.switch_timeout_s)
+            encoded, searched = await with_one_space(encode, search, self.args.switch_timeout_s,
+                                                     pin=query.space_uri)
         except SpaceSwitchTimeout:
             raise ApiError(503, "the service is switching spaces and its parts do not hold the same one yet; "
                                 "retry in a few seconds") from None
+        # the Encoder resizes again only images made for another space's size (during a switch)
         return {**searched, "n_images": len(query), "n_classes": len(set(query.labels.tolist())),
-                "resized": encoded["resized"]}
+                "resized": max(resized, encoded["resized"])}
 
     @api.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS, summary="retrieve models for a dataset",
               openapi_extra={"requestBody": {"required": True, "content": {
@@ -218,15 +314,23 @@ class Ingress:
                        credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """Ranked candidates (best first) for the query under the constraints, and the space run that answered."""
         self._authorize(credentials)
-        req, query = await self._query(request)
-        return await self._answer(req, query)
+
+        async def work(cancelled):
+            req, query, resized = await self._query(request, cancelled)
+            return await self._answer(req, query, resized)
+
+        return await self._bounded(work)
 
     @api.get("/v1/models/{model_id}", responses=ERRORS, summary="one zoo row of the current space")
     async def model(self, model_id: str, embedding: bool = False,
                     credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """The model's zoo row (architecture, accuracy, n_params, flops, ...); its embedding if ``embedding=true``."""
         self._authorize(credentials)
-        out = await self.index.model.remote(model_id, embedding)
+
+        async def work(cancelled):
+            return await self.index.model.remote(model_id, embedding)
+
+        out = await self._bounded(work)
         if "missing_model" in out:
             raise ApiError(404, f"model {model_id!r} is not in space run {out['space_run']!r}")
         return out
@@ -235,16 +339,43 @@ class Ingress:
     async def info(self, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """Space run and URI, index size, families, extractor, versions (one consistent snapshot)."""
         self._authorize(credentials)
-        return await self.index.info.remote()
+
+        async def work(cancelled):
+            return await self.index.info.remote()
+
+        return await self._bounded(work)
 
     @api.get("/v1/healthz", summary="liveness: both model deployments answer")
     async def healthz(self) -> dict:
+        """No token, not counted against max_queued_requests: a probe is answered while big requests are parsed."""
         try:
             await asyncio.wait_for(asyncio.gather(self.encoder.current_uri.remote(), self.index.current_uri.remote()),
                                    timeout=10)
         except Exception as exc:  # noqa: BLE001 - any failure means not healthy
             raise ApiError(503, f"a deployment does not answer ({type(exc).__name__})") from None
         return {"status": "ok"}
+
+    # The API docs, behind the token when there is one (FastAPI's own docs routes are switched off).
+    # With a token, a browser needs a proxy that adds the header; `curl -H 'Authorization: Bearer ...'
+    # <url>/openapi.json` gets the schema.
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request,
+                      credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> JSONResponse:
+        self._authorize(credentials)
+        return JSONResponse(request.app.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request,
+                   credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> HTMLResponse:
+        self._authorize(credentials)
+        return get_swagger_ui_html(openapi_url=_root_path(request) + "/openapi.json", title=f"{api.title} - docs")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request,
+                    credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> HTMLResponse:
+        self._authorize(credentials)
+        return get_redoc_html(openapi_url=_root_path(request) + "/openapi.json", title=f"{api.title} - ReDoc")
 
 
 def build_app(args: AppArgs, deployment_options: dict | None = None):
@@ -253,8 +384,13 @@ def build_app(args: AppArgs, deployment_options: dict | None = None):
     ``deployment_options`` (``{"Encoder": {...}, "Index": {...}, "Ingress": {...}}``, keyword
     arguments of ``Deployment.options``) is the Python twin of the config file's ``deployments:``
     section: fixed replicas for a benchmark, smaller CPU shares for tests.
+
+    Raises :class:`serve.args.ExposureError` (one line; ``tans serve`` exits 2 with it) when
+    Serve listens on a non-loopback address (:func:`serving_host`) and the token variable is
+    empty, unless ``args.behind_auth_proxy``.
     """
     token = os.environ.get(args.auth_token_env, "")
+    check_exposure(serving_host(), bool(token), args.behind_auth_proxy)
     token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None
     opts = {name: dict((deployment_options or {}).get(name, {})) for name in ("Encoder", "Index", "Ingress")}
     for name in ("Encoder", "Index"):

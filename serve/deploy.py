@@ -4,6 +4,11 @@ A config deploy keeps the app's code version as long as ``import_path``, ``args`
 ``runtime_env`` stay the same, so a new ``user_config`` (another ``space``, batching on/off)
 reconfigures the running replicas in place instead of replacing them; ``serve.run`` of a Python
 app always replaces them. Needs a running Serve (``serve.start``).
+
+The app's builder runs where Serve runs, so it reads the address Serve listens on and the token
+variable there: on a non-loopback address with no token (and no ``behind_auth_proxy: true``) the
+deploy fails, and :func:`apply_config` raises that refusal as one line
+(:class:`serve.args.ExposureError`) instead of Serve's traceback.
 """
 
 from __future__ import annotations
@@ -48,8 +53,19 @@ def apply_config(config: dict, timeout_s: float = 240) -> None:
         apps = serve.status().applications
         states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
         if any(s == "DEPLOY_FAILED" for s in states.values()):
-            raise RuntimeError(f"deploy failed: {[apps[n].message for n in names if n in apps]}")
+            raise_deploy_failure([apps[n].message for n in names if n in apps])
         if all(s == "RUNNING" for s in states.values()):
             return
         time.sleep(0.5)
     raise TimeoutError(f"apps not running after {timeout_s:.0f}s: {states}")
+
+
+def raise_deploy_failure(messages: list[str]) -> None:
+    """The failure of a deploy: its :class:`~serve.args.ExposureError` line if the builder refused, else all."""
+    from serve.args import ExposureError
+
+    for message in messages:
+        for line in str(message).splitlines():
+            if "ExposureError: " in line:
+                raise ExposureError(line.split("ExposureError: ", 1)[1].strip())
+    raise RuntimeError(f"deploy failed: {messages}")

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from serve.args import AppArgs
+from serve.inputs import resize_uint8
 from serve.spaces import EncoderSpace, SpaceVersions, load_encoder_space, load_index_space, resolve_space_uri
 
 logger = logging.getLogger("ray.serve")
@@ -120,13 +120,13 @@ def to_model_input(images, image_size: int) -> tuple[torch.Tensor, int]:
     """uint8 ``N x 3 x S x S`` from one ``N x 3 x H x W`` array or a list of ``3 x H x W`` arrays.
 
     Images not already ``S x S`` are resized one by one with the extractor's own resize (bilinear,
-    antialiased, rounded), so a batch of one size gives exactly what the library's extractor
-    computes. Returns (images, how many were resized).
+    antialiased, rounded: serve/inputs.py:resize_uint8), so a batch of one size gives exactly what
+    the library's extractor computes. The ingress already resizes uploads as it decodes them, so
+    this resizes only dataset samples and images sent during a switch to a space of another size.
+    Returns (images, how many were resized).
     """
     def resize(x: torch.Tensor) -> torch.Tensor:
-        y = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False)
-        return y.round().clamp(0, 255).to(torch.uint8)
+        return resize_uint8(x, image_size)
 
     if isinstance(images, np.ndarray):
         x = torch.from_numpy(np.require(images, np.uint8, ["C", "W"]))  # arrays from Ray are read-only
@@ -207,6 +207,11 @@ class Encoder(_SpaceHolder):
                 async with self._forward_lock:
                     parts.append(await asyncio.to_thread(space.extractor, c, len(c)))
         return torch.cat(parts)
+
+    def image_size(self, pin: str | None = None) -> dict:
+        """{space_uri, image_size} of space ``pin`` (or the current one): what the ingress resizes uploads to."""
+        space = self.spaces.get(pin) or self.spaces.current
+        return {"space_uri": space.uri, "image_size": int(space.image_size)}
 
     async def encode(self, images, labels: np.ndarray, pin: str | None = None) -> dict:
         """{space_uri, space_run, embedding, resized}, or {missing: pin, current} if ``pin`` is not held."""

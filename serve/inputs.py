@@ -9,10 +9,20 @@ so each rule is unit-testable. Three ways to send a query:
 * ``dataset``: a task in the service's storage root (its name, ``tasks/<name>`` or
   ``<root>/tasks/<name>``), sampled ``per_class`` images per class with ``seed``.
 
-Images of any size and mode are accepted: each is converted to RGB (grey repeated, alpha
-dropped, palette expanded) and later resized to the space's extractor size by the encoder (the
-same bilinear resize the library's extractor applies). Only a side above ``max_image_side`` is
-rejected (413).
+Images are decoded in two passes, so a small body cannot become gigabytes of pixels:
+
+1. :func:`check_image_headers` opens every image with PIL (PNG and JPEG parsers only), which
+   reads the header and no pixel data, and refuses the request (413) when one image has a side
+   above ``max_image_side`` or more than ``max_image_pixels`` pixels, or when the sum of
+   width x height over the request exceeds ``max_pixels_per_request`` (the decoded-pixel budget,
+   default 64 M). 2,000 solid-colour 1024x1024 PNGs (an 11 MB body, 6 GiB decoded) stop here.
+2. :func:`decode_resized` then decodes the images one by one, each converted to RGB (grey
+   repeated, alpha dropped, palette expanded) and at once resized to the extractor's input size
+   (:func:`resize_uint8`: the bilinear, antialiased, rounded resize the Encoder applied before,
+   so the results are the same as before, and images already at that size are untouched).
+   Decoded memory is then ``n_images x 3 x size^2`` bytes plus one image being decoded.
+
+Both passes run in a worker thread (the ingress awaits them), never on the event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import binascii
 import io
 import json
 import re
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -37,10 +49,11 @@ DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 class ApiError(Exception):
     """A request the service refuses: HTTP ``status`` and a one-line ``message`` for the client."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 class RetrieveRequest(BaseModel):
@@ -187,36 +200,160 @@ def decode_base64(text: str, index: int) -> bytes:
         raise ApiError(400, f"images[{index}] is not valid base64") from None
 
 
-def decode_image(data: bytes, index: int, max_side: int) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 ``3 x H x W`` RGB; 400 for a non-image or a truncated one, 413 if too large."""
+# Formats a client may send; PIL tries only these parsers, never its dozens of others.
+FORMATS = ("PNG", "JPEG")
+_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"), (b"\0\0\1\0", "ICO"),
+          (b"8BPS", "PSD"), (b"\0\0\0\x0cjP  ", "JPEG 2000"))
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """The per-image and per-request pixel bounds (AppArgs' fields of the same names)."""
+
+    max_image_side: int = 1024
+    max_image_pixels: int = 1024 * 1024
+    max_pixels_per_request: int = 64_000_000
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+
+
+def _open_checked(data: bytes, index: int, max_side: int, max_pixels: int | None):
+    """The PIL image of ``data`` with only its header read, after the format and size checks."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format not in ("PNG", "JPEG"):
-                raise ApiError(400, f"images[{index}] is a {img.format} image; send PNG or JPEG")
-            if max(img.size) > max_side:
-                raise ApiError(413, f"images[{index}] is {img.size[0]}x{img.size[1]} px; the limit is "
-                                    f"{max_side} px a side")
-            img.load()  # decodes now: a truncated file fails here, not later
-            rgb = np.asarray(img.convert("RGB"))
-    except ApiError:
-        raise
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
+        other = _sniff(data)
+        if other:
+            raise ApiError(400, f"images[{index}] is a {other} image; send PNG or JPEG") from None
         raise ApiError(400, f"images[{index}] is not a PNG or JPEG image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, f"images[{index}] is too large to decode ({str(exc).splitlines()[0][:120]})") from None
+    except ValueError as exc:
+        text = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        if "too large" in text.lower() or "too much memory" in text.lower():  # PNG text/ICC chunks over PIL's limits
+            raise ApiError(413, f"images[{index}] holds too much metadata ({text})") from None
+        raise ApiError(400, f"images[{index}] is truncated or corrupt ({text})") from None
+    except (OSError, SyntaxError) as exc:
+        raise ApiError(400, f"images[{index}] is truncated or corrupt ({str(exc).splitlines()[0][:120]})") from None
+    try:
+        if img.format not in FORMATS:  # e.g. MPO, which the JPEG parser may hand back
+            raise ApiError(400, f"images[{index}] is a {img.format} image; send PNG or JPEG")
+        w, h = img.size
+        if max(w, h) > max_side:
+            raise ApiError(413, f"images[{index}] is {w}x{h} px; the limit is {max_side} px a side")
+        if max_pixels is not None and w * h > max_pixels:
+            raise ApiError(413, f"images[{index}] is {w}x{h} = {w * h:,} px; the limit is {max_pixels:,} px "
+                                "an image (max_image_pixels)")
+    except ApiError:
+        img.close()
+        raise
+    return img
+
+
+def image_bytes(item: bytes | str, index: int) -> bytes:
+    """The raw bytes of one image as sent: a multipart part, or a base64 string of a JSON body."""
+    return item if isinstance(item, bytes) else decode_base64(item, index)
+
+
+def check_image_headers(raw: Sequence[bytes | str], limits: ImageLimits,
+                        cancelled: threading.Event | None = None) -> list[bytes]:
+    """Every image's bytes, after checking format, sizes and the request's pixel budget from headers only.
+
+    No pixel is decoded here: PIL's ``Image.open`` parses the header (PNG: up to the first data
+    chunk; JPEG: up to the frame header) and leaves the pixels for ``load()``. 400 for a bad
+    image, 413 for an image or a request over its bound (the message names the bound).
+    """
+    datas, total = [], 0
+    for i, item in enumerate(raw):
+        _check_cancelled(cancelled)
+        data = image_bytes(item, i)
+        with _open_checked(data, i, limits.max_image_side, limits.max_image_pixels) as img:
+            w, h = img.size
+        total += w * h
+        datas.append(data)
+    if total > limits.max_pixels_per_request:
+        raise ApiError(413, f"the {len(datas)} images hold {total:,} pixels when decoded; the limit is "
+                            f"{limits.max_pixels_per_request:,} pixels per request (max_pixels_per_request)")
+    return datas
+
+
+def decode_image(data: bytes, index: int, max_side: int, max_pixels: int | None = None) -> np.ndarray:
+    """PNG/JPEG bytes -> uint8 ``3 x H x W`` RGB; 400 for a non-image or a truncated one, 413 if too large.
+
+    The side (``max_side``) and pixel (``max_pixels``) bounds are checked from the header, before
+    the pixels are decoded.
+    """
+    from PIL import Image
+
+    img = _open_checked(data, index, max_side, max_pixels)
+    try:
+        with img:
+            img.load()  # decodes now: a truncated file fails here, not later
+            rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, f"images[{index}] is too large to decode ({str(exc).splitlines()[0][:120]})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ApiError(400, f"images[{index}] is truncated or corrupt ({str(exc).splitlines()[0][:120]})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
         raise ApiError(400, f"images[{index}] has an unusable shape {rgb.shape}")
     return np.ascontiguousarray(rgb.transpose(2, 0, 1))
 
 
+def resize_uint8(x, size: int):
+    """uint8 ``N x 3 x H x W`` tensor -> ``N x 3 x size x size``: bilinear, antialiased, rounded.
+
+    The library extractor's own resize (tans/features.py), rounded back to uint8; the Encoder
+    applies the same one to images that still differ from its space's size.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+def decode_resized(datas: Sequence[bytes], size: int, limits: ImageLimits,
+                   cancelled: threading.Event | None = None) -> tuple[np.ndarray, int]:
+    """(uint8 ``N x 3 x size x size``, how many images were resized): each image decoded, then resized at once.
+
+    Only one full-size image exists at a time, so memory is the output plus one upload's pixels.
+    ``cancelled`` (set when the request timed out) stops the work between two images.
+    """
+    import torch
+
+    out = np.empty((len(datas), 3, size, size), dtype=np.uint8)
+    resized = 0
+    for i, data in enumerate(datas):
+        _check_cancelled(cancelled)
+        im = decode_image(data, i, limits.max_image_side, limits.max_image_pixels)
+        if im.shape[1:] != (size, size):
+            im = resize_uint8(torch.from_numpy(im)[None], size)[0].numpy()
+            resized += 1
+        out[i] = im
+    return out, resized
+
+
+def _check_cancelled(cancelled: threading.Event | None) -> None:
+    if cancelled is not None and cancelled.is_set():
+        raise ApiError(504, "the request timed out while its images were being decoded")
+
+
 @dataclass
 class Query:
-    """Decoded images (a list of uint8 ``3 x H x W`` arrays, or one ``N x 3 x H x W`` array) and labels."""
+    """Decoded images (a list of uint8 ``3 x H x W`` arrays, or one ``N x 3 x H x W`` array) and labels.
+
+    ``space_uri``: the space whose extractor size the images were resized to (None: not resized).
+    """
 
     images: list[np.ndarray] | np.ndarray
     labels: np.ndarray
+    space_uri: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -268,8 +405,12 @@ def task_name_of(dataset: str, root_uri: str) -> str:
 
 
 def dataset_query(storage, dataset: str, split: str, per_class: int, seed: int, max_images: int,
-                  max_side: int) -> Query:
-    """A seeded sample of ``per_class`` images per class of a stored task (404 if there is none)."""
+                  max_side: int, max_pixels: int | None = None) -> Query:
+    """A seeded sample of ``per_class`` images per class of a stored task (404 if there is none).
+
+    A task stores one image size, so the decoded-pixel budget (``max_pixels``) is checked from the
+    sample's size before any image is decoded (413).
+    """
     import pyarrow as pa
 
     from tans.features import sample_per_class
@@ -289,6 +430,10 @@ def dataset_query(storage, dataset: str, split: str, per_class: int, seed: int, 
     labels = np.asarray(table.column("label").to_numpy(zero_copy_only=False), dtype=np.int64)
     rows = sample_per_class(labels, per_class, seed)
     check_count(len(rows), max_images)
+    if max_pixels is not None and len(rows) * info.image_size**2 > max_pixels:
+        raise ApiError(413, f"dataset {name!r}: {len(rows)} images of {info.image_size}x{info.image_size} px hold "
+                            f"{len(rows) * info.image_size**2:,} pixels; the limit is {max_pixels:,} pixels per "
+                            "request (max_pixels_per_request)")
     pngs = table.column("image").take(pa.array(rows)).to_pylist()
     images = decode_images(pngs, info.image_size, channels=3).numpy()
     return Query(images=images, labels=labels[rows])

@@ -46,6 +46,7 @@ class ExtractorSpec:
     family: str = ""  # supernet family (kind `supernet` only)
     image_size: int = 48
     name: str = ""  # folder under <root>/queries/; derived from the checkpoint when empty
+    sha256: str = ""  # the checkpoint's content hash when the space was trained; checked on every build
 
     def __post_init__(self):
         if self.kind not in EXTRACTOR_KINDS:
@@ -59,7 +60,7 @@ class ExtractorSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExtractorSpec":
-        return cls(**{k: data[k] for k in ("kind", "uri", "family", "image_size", "name") if k in data})
+        return cls(**{k: data[k] for k in ("kind", "uri", "family", "image_size", "name", "sha256") if k in data})
 
 
 class FeatureExtractor(nn.Module):
@@ -159,7 +160,36 @@ def _resnet18_extractor(spec: ExtractorSpec) -> FeatureExtractor:
 def build_extractor(spec: ExtractorSpec, device: str | torch.device = "cpu") -> FeatureExtractor:
     """The frozen extractor described by ``spec``, in eval mode on ``device``."""
     builder = {"supernet": _supernet_extractor, "resnet18": _resnet18_extractor}[spec.kind]
+    if spec.sha256 and spec.uri:
+        check_lineage(spec)
     return builder(spec).to(device)
+
+
+def checkpoint_sha256(uri: str) -> str:
+    """The sha256 of a checkpoint's bytes (local path or s3://)."""
+    from tans.supernets import SupernetError, _read_checkpoint_bytes
+
+    try:
+        return hashlib.sha256(_read_checkpoint_bytes(uri)).hexdigest()
+    except SupernetError as exc:
+        raise ExtractorError(str(exc)) from None
+
+
+def check_lineage(spec: ExtractorSpec) -> None:
+    """Refuse an extractor checkpoint that changed since the space was trained on its features.
+
+    A space's query encoder only understands the features of the exact weights it was trained
+    with; a re-pretrained base supernet (``build-zoo --force``) would silently give wrong answers.
+    """
+    try:
+        found = checkpoint_sha256(spec.uri)
+    except ExtractorError as exc:
+        raise ExtractorError(f"{str(exc).splitlines()[0]} - the space's extractor is gone (was its zoo rebuilt?): "
+                             "retrain the space with `tans train-space --config CFG --force`") from None
+    if found != spec.sha256:
+        raise ExtractorError(f"{spec.uri}: the extractor checkpoint changed since the space was trained "
+                             f"(sha256 {found[:12]}, the space expects {spec.sha256[:12]}): retrain the space with "
+                             "`tans train-space --config CFG --force`")
 
 
 def sample_per_class(labels, per_class: int, seed: int) -> np.ndarray:

@@ -101,6 +101,20 @@ def finished_tasks(storage: Storage, zoo: str) -> set[str]:
     return {p[len(prefix) : -len(".parquet")] for p in storage.list(zoo_dir(zoo)) if p.startswith(prefix) and p.endswith(".parquet")}
 
 
+def base_model_rel(storage: Storage, zoo: str) -> str:
+    """The finished base supernet of ``zoo``: the file its ``done.json`` names.
+
+    ``supernets/<zoo>/base/model.pt`` for a first build; a forced re-pretraining writes
+    ``base/g-<id>/model.pt`` beside it and swaps ``done.json`` (jobs.pretrain_supernet).
+    """
+    done = f"supernets/{zoo}/base/done.json"
+    if storage.is_file(done):
+        model = storage.read_json(done).get("model", "")
+        if model:
+            return model
+    return f"supernets/{zoo}/base/model.pt"
+
+
 def readable_part(storage: Storage, zoo: str, task: str) -> bool:
     """False (and a note on stdout) when a finished task's part is damaged: the build redoes it."""
     try:

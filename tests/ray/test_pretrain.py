@@ -169,6 +169,41 @@ def test_worker_failure_resumes_from_last_epoch_and_result_is_reused(ray_local, 
     assert (trace / "epochs.txt").read_text().split() == ["0", "1", "2", "2"]
 
 
+@pytest.mark.timeout(300)
+def test_force_trains_beside_the_finished_base_and_swaps_only_when_done(ray_local, corpus, monkeypatch):
+    import jobs.pretrain_supernet as pretrain
+    from tans.zoo import base_model_rel
+
+    st, splits = corpus
+    cfg = zoo_config(st, splits, "t-force", epochs=1, num_workers=1)
+    tasks = ["shapes_0_3", "marks_0_2"]
+    first = pretrain.pretrain_base(cfg, st, tasks)
+    assert first == base_model_rel(st, "t-force") == "supernets/t-force/base/model.pt"
+    old_model, old_done = st.read_bytes(first), st.read_bytes("supernets/t-force/base/done.json")
+
+    # a forced rebuild that dies while training leaves the finished base exactly as it was
+    class Dies:
+        def fit(self):
+            raise RuntimeError("node lost")
+
+    real_trainer = pretrain._trainer
+    monkeypatch.setattr(pretrain, "_trainer", lambda *a: Dies())
+    cfg.force = True
+    with pytest.raises(RuntimeError, match="node lost"):
+        pretrain.pretrain_base(cfg, st, tasks)
+    assert st.read_bytes(first) == old_model and st.read_bytes("supernets/t-force/base/done.json") == old_done
+    assert base_model_rel(st, "t-force") == first
+
+    monkeypatch.setattr(pretrain, "_trainer", real_trainer)
+    new = pretrain.pretrain_base(cfg, st, tasks)
+    assert new.startswith("supernets/t-force/base/g-") and new == base_model_rel(st, "t-force")
+    assert st.read_json("supernets/t-force/base/done.json")["model"] == new
+    names = {p.rsplit("/", 1)[-1] for p in st.list("supernets/t-force/base")}
+    assert names == {"done.json", "run.json", new.split("/")[-2]}  # the old base's files went after the swap
+    state = torch.load(st.path(new), weights_only=True)
+    get_family(FAMILY).build(5).load_state_dict(state)
+
+
 # -- user errors ------------------------------------------------------------------------------
 
 

@@ -77,6 +77,11 @@ def test_report_schema_winner_and_constraints(searched):
 
     again = _search(root, "--max-params", str(limit), "--name", "s1", "--oracle")
     assert again.returncode == 0 and "reusing the finished search" in again.stdout
+    # the same name with other inputs is refused in one line, never answered with the old report
+    other = _search(root, "--max-params", str(limit), "--name", "s1", "--oracle", "epochs=1", timeout=300)
+    errors = [line for line in other.stderr.strip().splitlines() if line.startswith("error:")]
+    assert other.returncode == 1 and len(errors) == 1 and "other inputs (epochs differ)" in errors[0], other.stderr
+    assert json.loads((run / "report.json").read_text()) == report
 
     # the Python API returns the same report as an object (a finished search is reused)
     api = tans.search(TASK, root=str(root), config=CFG, max_params=limit, name="s1", oracle=True)

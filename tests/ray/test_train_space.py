@@ -135,6 +135,25 @@ def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, 
         return [c.model_id for c in Retriever.load(str(root)).retrieve(x, y, k=8).candidates]
 
     old_answer = answer()
+
+    # one writer per run: while another live process holds the run, the job exits in one line
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tans.lease import Lease\n"
+                               "from tans.storage import Storage\n"
+                               f"lease = Lease(Storage({str(root)!r}), 'spaces/{TINY_SPACE}', what='holder').acquire()\n"
+                               "print('HOLDING', flush=True)\ntime.sleep(300)\n"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "HOLDING"
+        refused = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), "--force",
+                          timeout=300)
+        errors = refused.stderr.strip().splitlines()
+        assert refused.returncode == 1 and len(errors) == 1, refused.stderr[-2000:]
+        assert f"being written by pid {holder.pid}" in errors[0] and "(holder)" in errors[0]
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+    assert not list(run.glob("g-*")) and (run / "space.json").read_bytes() == before["space.json"]
+
     cmd = [sys.executable, "-m", "tans.cli", "train-space", "--config", "configs/space/tiny.yaml", "--root", str(root),
            "--force"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,9 +170,11 @@ def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, 
     for name, data in before.items():
         assert (run / name).read_bytes() == data, name
     assert (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE and answer() == old_answer
+    assert (run / "lease.json").exists()  # the killed writer's lease: the next run takes it over
 
     again = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), "--force", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "[lease] took over" in again.stdout and "is gone" in again.stdout
     info = json.loads((run / "space.json").read_text())
     gen = info["files"]
     assert gen.startswith("g-") and {p.name for p in run.iterdir()} == {"space.json", "run.json", gen}

@@ -16,8 +16,8 @@ from serve.deploy import app_config as config_with
 from serve.deploy import apply_config
 from tests.conftest import free_port
 
-LIMITS = {"max_images": 64, "max_body_mb": 0.25, "max_image_side": 512, "max_k": 20, "per_class": 3,
-          "max_per_class": 10, "switch_timeout_s": 20}
+LIMITS = {"max_images": 64, "max_body_mb": 0.25, "max_image_side": 512, "max_pixels_per_request": 200_000,
+          "max_k": 20, "per_class": 3, "max_per_class": 10, "switch_timeout_s": 20}
 SMALL_CPU = {"Encoder": 0.2, "Index": 0.1, "Ingress": 0.1}  # fits beside another suite's 2-CPU Ray
 
 

@@ -48,6 +48,32 @@ def test_config_is_a_valid_serve_config_with_no_host_and_builds():
         call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), {**app.args, "max_k": 0})
 
 
+def test_config_listens_on_all_interfaces_so_it_needs_the_token_or_an_explicit_proxy(monkeypatch):
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    import serve.app
+    from serve.args import ExposureError
+
+    text = CONFIG.read_text()
+    (app,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
+    assert app.args["behind_auth_proxy"] is False and app.args["auth_token_env"] == "TANS_SERVE_TOKEN"
+    assert "behind_auth_proxy" in text.split("applications:")[0]  # the header says when to set it
+    assert app.args["max_pixels_per_request"] == 64_000_000 and app.args["max_queued_requests"] < min(
+        d.max_ongoing_requests for d in app.deployments if d.name == "Ingress")
+    builder = import_attr(app.import_path)
+    # `serve run`/KubeRay start Serve on the schema's default host first; the builder reads it
+    monkeypatch.setattr(serve.app, "serving_host", lambda: "0.0.0.0")
+    monkeypatch.delenv("TANS_SERVE_TOKEN", raising=False)
+    with pytest.raises(ExposureError, match="refusing to serve on 0.0.0.0"):
+        call_user_app_builder_with_args_if_necessary(builder, app.args)
+    assert type(call_user_app_builder_with_args_if_necessary(
+        builder, {**app.args, "behind_auth_proxy": True})).__name__ == "Application"
+    monkeypatch.setenv("TANS_SERVE_TOKEN", "s3cret-token")
+    assert type(call_user_app_builder_with_args_if_necessary(builder, app.args)).__name__ == "Application"
+
+
 def test_build_app_hands_the_ingress_a_hash_of_the_token_from_the_environment(monkeypatch):
     import hashlib
 

@@ -141,6 +141,8 @@ def _bad_cases(root) -> list[tuple[str, dict, int, str]]:
          413, "limit"),
         ("image too large", {"json": {"images": [b64(_png_bytes((600, 8)))] + imgs[1:], "labels": labels}}, 413,
          "512"),
+        ("pixel budget", {"json": {"images": [b64(_png_bytes((150, 150)))] * 12, "labels": labels}}, 413,
+         "200,000 pixels per request"),
         ("k zero", {"json": good_body(k=0)}, 400, "k: "),
         ("k negative", {"json": good_body(k=-3)}, 400, "k: "),
         ("k absurd", {"json": good_body(k=10**6)}, 400, "max_k"),
@@ -225,8 +227,13 @@ def test_bearer_token_auth(serve_url, serve_root):
         r = post(base, json=good_body(), headers=ok)
         assert r.status_code == 200 and r.json()["space_run"] == "runA"
         assert requests.get(f"{base}/v1/healthz", timeout=30).status_code == 200  # probes need no token
+        for path in ("/docs", "/redoc", "/openapi.json"):  # the API docs need it too
+            assert requests.get(f"{base}{path}", timeout=30).status_code == 401, path
+            assert requests.get(f"{base}{path}", headers=ok, timeout=30).status_code == 200, path
+        assert "/v1/retrieve" in requests.get(f"{base}/openapi.json", headers=ok, timeout=30).json()["paths"]
         # the main app has no token configured: open
         assert requests.get(f"{serve_url}/v1/info", timeout=30).status_code == 200
+        assert requests.get(f"{serve_url}/docs", timeout=30).status_code == 200
     finally:
         serve.delete("tans-auth")
 

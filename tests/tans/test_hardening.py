@@ -253,3 +253,23 @@ def test_corrupt_zoo_and_task_files_end_in_one_line(tmp_path):
     task_part.write_bytes(b"PAR1 garbage")
     with pytest.raises(CorruptArtifact, match="tans data ingest"):
         read_split(st, "t", "train")
+
+
+def test_a_space_refuses_an_extractor_that_changed_since_it_was_trained(tmp_path):
+    from tans.features import ExtractorError, build_extractor, checkpoint_sha256
+
+    family = get_family("ofa_mbv3_tiny")
+    ckpt = tmp_path / "base.pt"
+    torch.save(family.build(7).state_dict(), ckpt)
+    spec = ExtractorSpec(kind="supernet", uri=str(ckpt), family="ofa_mbv3_tiny", image_size=32,
+                         sha256=checkpoint_sha256(str(ckpt)))
+    assert build_extractor(spec).feature_dim == family.penultimate_dim
+    assert ExtractorSpec.from_dict(spec.to_dict()).sha256 == spec.sha256  # it travels in space.json
+
+    torch.manual_seed(1)
+    torch.save(family.build(7).state_dict(), ckpt)  # e.g. `build-zoo --force` re-pretrained the base
+    with pytest.raises(ExtractorError, match="changed since the space was trained.*train-space"):
+        build_extractor(spec)
+    ckpt.unlink()
+    with pytest.raises(ExtractorError, match="extractor is gone.*train-space"):
+        build_extractor(spec)
