@@ -13,8 +13,9 @@ Output: one Parquet file, default ``<root>/predictions/<model>-<dataset>.parquet
 per readable image: ``path`` (the file's path or URI, or ``<task>/<split>/<row>`` with ``row``
 the row's index in the split as :func:`tans.tasks.read_split` orders it), ``label`` (int),
 ``class`` (its name), ``confidence`` (the softmax maximum) and, for a task, ``true_label``.
-Files that do not decode as images are skipped, counted and named on stdout, never fatal. For a
-task the accuracy is printed and stored, with the counts, in the file's metadata (key
+Files that do not decode as images, or whose header declares more pixels than the bound
+(50 M, ``$TANS_MAX_IMAGE_PIXELS``; tans.image_limits), are skipped, counted and named on stdout,
+never fatal. For a task the accuracy is printed and stored, with the counts, in the file's metadata (key
 ``tans.predict``).
 
 Ray Data runs it: the image bytes are read by I/O tasks (``read_binary_files``, or per-chunk
@@ -30,7 +31,6 @@ that a crash leaves half-written, and S3 has no directory rename to hide it.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -205,13 +205,13 @@ def read_task_chunk(batch: dict, storage: Storage, prefix: str) -> dict:
 
 def decode(data, loaded):
     """One image's network input (``1 x C x S x S``) as the export's preprocessing makes it, or
-    ``None`` if ``data`` is not a readable image."""
-    from PIL import Image
+    ``None`` if ``data`` is not a readable image or declares more pixels than the bound."""
+    from tans.image_limits import open_bounded
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd metadata; the pixels are what matter
-            img = Image.open(io.BytesIO(bytes(data)))
+            img = open_bounded(bytes(data))  # over the pixel bound: skipped before decoding
             img.load()
             return loaded.preprocess(img)
     except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean "skip"

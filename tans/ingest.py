@@ -3,7 +3,8 @@
 ``SRC/<class>/<image>``: classes are the sub-directories, in sorted order. Every image is decoded,
 converted to RGB (or kept grey when *every* image of the dataset is grey), resized so its shorter
 side is ``image_size`` and centre-cropped to a square, and re-encoded as PNG. Files that do not
-decode are skipped and counted; a class left with no image is an error. The train/test split
+decode, or whose header declares more pixels than the bound (50 M by default, tans.image_limits),
+are skipped and counted; a class left with no image is an error. The train/test split
 is stratified per class and seeded.
 
 All checks run before anything is written, so a bad input leaves nothing under
@@ -118,12 +119,15 @@ def list_imagefolder(src: str) -> ImageFolderListing:
 def decode_image_bytes(data: bytes, image_size: int) -> DecodedImage:
     """Decode any PIL-readable image, resize (shorter side) + centre-crop to a square, re-encode.
 
-    Returns ``DecodedImage(None)`` for a file that is not a readable image.
+    Returns ``DecodedImage(None)`` for a file that is not a readable image, or whose header
+    declares more pixels than the bound (tans.image_limits): it is skipped before decoding.
     """
+    from tans.image_limits import open_bounded
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd metadata; the pixels are what matter
-            img = Image.open(io.BytesIO(data))
+            img = open_bounded(data)  # ImageTooLarge before a single pixel is decoded
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")

@@ -28,6 +28,55 @@ def _isolated_root(tmp_path, monkeypatch):
     monkeypatch.setenv("TANS_ROOT", str(tmp_path / "root"))
 
 
+# -- the fault and bad-input ledger: what the hardening tests tried, printed after every run ------
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> sha256) and every directory (-> "dir")."""
+    import hashlib
+
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+class FaultLedger:
+    """Counts of bad inputs tried, faults injected and artifacts checked after them (this session)."""
+
+    def __init__(self):
+        self.bad_inputs = self.faults = self.artifacts_checked = self.artifacts_lost = 0
+
+    def bad_input(self, n: int = 1) -> None:
+        self.bad_inputs += n
+
+    def fault(self, n: int = 1) -> None:
+        self.faults += n
+
+    def intact(self, before: dict, after: dict) -> None:
+        """Count the artifacts of ``before`` (a tree_digest or name -> bytes) that changed or vanished; assert none."""
+        lost = sorted(k for k, v in before.items() if after.get(k) != v)
+        self.artifacts_checked += len(before)
+        self.artifacts_lost += len(lost)
+        assert not lost, f"artifacts lost or changed: {lost[:5]}"
+
+
+LEDGER = FaultLedger()
+
+
+@pytest.fixture
+def ledger() -> FaultLedger:
+    return LEDGER
+
+
+def pytest_terminal_summary(terminalreporter):
+    if LEDGER.bad_inputs or LEDGER.faults:
+        terminalreporter.write_line(
+            f"fault and bad-input suite: {LEDGER.bad_inputs} bad inputs tried, {LEDGER.faults} faults injected, "
+            f"{LEDGER.artifacts_checked} artifacts checked after them, {LEDGER.artifacts_lost} lost or corrupted")
+
+
 def make_imagefolder(base: Path, classes: dict[str, int], size: int = 20, mode: str = "RGB", seed: int = 0) -> Path:
     """Write ``classes[name]`` PNG images per class under ``base/<name>/``; returns ``base``.
 

@@ -112,7 +112,7 @@ def test_rerun_reuses_and_bad_input_is_one_line(tiny_space, tmp_path):
 
 
 @pytest.mark.timeout(1500)
-def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, tmp_path):
+def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, tmp_path, ledger):
     """`--force` on a finished space: SIGKILLed mid-training, the old space still answers (and
     LATEST still names it); run again, the new generation swaps in and the old files go."""
     import os
@@ -167,8 +167,8 @@ def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    for name, data in before.items():
-        assert (run / name).read_bytes() == data, name
+    ledger.fault(2)  # a second writer while the run is held, then SIGKILL mid-training
+    ledger.intact(before, {name: (run / name).read_bytes() for name in before})
     assert (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE and answer() == old_answer
     assert (run / "lease.json").exists()  # the killed writer's lease: the next run takes it over
 

@@ -165,9 +165,10 @@ def _bad_cases(root) -> list[tuple[str, dict, int, str]]:
     ]
 
 
-def test_every_bad_request_gets_its_4xx_and_the_service_stays_up(serve_url, serve_root):
+def test_every_bad_request_gets_its_4xx_and_the_service_stays_up(serve_url, serve_root, ledger):
     failures = []
     for case, kwargs, status, text in _bad_cases(serve_root):
+        ledger.bad_input()
         r = post(serve_url, **kwargs)
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
         if r.status_code != status or text not in body.get("error", ""):
@@ -180,6 +181,7 @@ def test_every_bad_request_gets_its_4xx_and_the_service_stays_up(serve_url, serv
     assert r.status_code == 400 and "embedding" in r.json()["error"]
     r = requests.get(f"{serve_url}/v2/nothing", timeout=30)
     assert r.status_code == 404 and "error" in r.json()
+    ledger.bad_input(3)
     # still up and still right
     r = post(serve_url, json=good_body())
     assert r.status_code == 200 and r.json()["space_run"] == "runA"

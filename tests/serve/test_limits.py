@@ -71,7 +71,8 @@ def no_decoding(monkeypatch):
 # --- the parsing layer ------------------------------------------------------------------------
 
 
-def test_the_known_bomb_is_refused_from_headers_without_decoding(no_decoding):
+def test_the_known_bomb_is_refused_from_headers_without_decoding(no_decoding, ledger):
+    ledger.bad_input(1)
     one = png((1024, 1024))  # solid colour: ~4 KB, 3 MiB decoded
     raw = [one] * 2000  # 2,000 of them: an 8 MB upload that decodes to 6 GiB
     with pytest.raises(ApiError) as err:
@@ -89,7 +90,8 @@ def test_the_known_bomb_is_refused_from_headers_without_decoding(no_decoding):
     assert check_image_headers(raw[:61], ImageLimits()) == raw[:61] and no_decoding == []
 
 
-def test_per_image_bounds_are_checked_from_the_header(no_decoding):
+def test_per_image_bounds_are_checked_from_the_header(no_decoding, ledger):
+    ledger.bad_input(1)
     limits = ImageLimits(max_image_side=4096, max_image_pixels=1_000_000, max_pixels_per_request=10**9)
     cases = [
         (png_header_only(1100, 1000), "1,100,000 px", "max_image_pixels"),  # over the pixel bound
@@ -138,7 +140,8 @@ def test_a_cancelled_request_stops_decoding_between_images(no_decoding):
     assert err.value.status == 504 and no_decoding == []
 
 
-def test_dataset_sample_over_the_pixel_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+def test_dataset_sample_over_the_pixel_budget_is_refused_before_decoding(tmp_path, monkeypatch, ledger):
+    ledger.bad_input(1)
     from serve.inputs import dataset_query
     from serve.toy import make_toy_task
     from tans.storage import Storage
@@ -169,7 +172,8 @@ def test_exposure_check():
     assert "\n" not in msg and "0.0.0.0" in msg and "TANS_SERVE_TOKEN" in msg and "behind_auth_proxy" in msg
 
 
-def test_build_app_refuses_a_public_address_without_token_unless_behind_a_proxy(monkeypatch, capsys):
+def test_build_app_refuses_a_public_address_without_token_unless_behind_a_proxy(monkeypatch, capsys, ledger):
+    ledger.bad_input(1)
     import serve.app
     from jobs._common import run_main
     from serve.app import build_app
@@ -330,7 +334,8 @@ def json_body(images: list[bytes], labels=None) -> bytes:
     return json.dumps({"images": [base64.b64encode(d).decode() for d in images], "labels": labels}).encode()
 
 
-def test_http_bomb_gets_413_without_decoding_and_no_model_call(ingress, no_decoding):
+def test_http_bomb_gets_413_without_decoding_and_no_model_call(ingress, no_decoding, ledger):
+    ledger.bad_input(1)
     _, encoder, index = ingress()
     calls = []
     ingress.patch("decode_resized", lambda *a: calls.append(a))
@@ -357,8 +362,9 @@ def test_http_query_is_decoded_resized_and_sent_as_one_batch(ingress):
     assert r.status == 413 and "images[1]" in r.json()["error"] and len(encoder.encode.calls) == 1
 
 
-def test_png_metadata_is_bounded_in_the_ingress(ingress, no_decoding):
+def test_png_metadata_is_bounded_in_the_ingress(ingress, no_decoding, ledger):
     """PNG text chunks are inflated while the header is read: the Ingress allows 4 MiB of them an image."""
+    ledger.bad_input(1)
     ingress()
     one_mib = zlib.compress(b"\0" * (1024 * 1024 - 1))  # 1 KB that inflates to just under PIL's 1 MiB a chunk
     head, tail = png()[:33], png()[33:]  # signature + IHDR, then the rest
@@ -373,7 +379,8 @@ def test_png_metadata_is_bounded_in_the_ingress(ingress, no_decoding):
     assert no_decoding == []
 
 
-def test_docs_and_openapi_need_the_token_when_there_is_one(ingress):
+def test_docs_and_openapi_need_the_token_when_there_is_one(ingress, ledger):
+    ledger.bad_input(1)
     ingress(token=TOKEN)
     for path in ("/docs", "/redoc", "/openapi.json", "/v1/info"):
         for headers in ({}, {"Authorization": "Bearer wrong"}):
@@ -393,7 +400,8 @@ def test_docs_and_openapi_need_the_token_when_there_is_one(ingress):
         assert request("GET", path).status == 200, path
 
 
-def test_a_full_replica_answers_503_with_retry_after_before_reading_the_body(ingress):
+def test_a_full_replica_answers_503_with_retry_after_before_reading_the_body(ingress, ledger):
+    ledger.bad_input(1)
     obj, _, _ = ingress(max_queued_requests=2)
 
     async def scenario():
@@ -414,7 +422,8 @@ def test_a_full_replica_answers_503_with_retry_after_before_reading_the_body(ing
     assert [c.status for c in slow] == [200, 200] and obj.in_flight == 0
 
 
-def test_a_slow_request_gets_504_and_frees_its_slot(ingress):
+def test_a_slow_request_gets_504_and_frees_its_slot(ingress, ledger):
+    ledger.bad_input(1)
     obj, encoder, _ = ingress(request_timeout_s=0.2)
     # a client that never finishes its body (slowloris)
     r = request("POST", "/v1/retrieve", gate=asyncio.Event())
@@ -455,8 +464,9 @@ def test_healthz_answers_while_a_request_is_being_decoded(ingress):
     assert health.status == 200 and big.status == 200
 
 
-def test_tans_serve_on_all_interfaces_without_a_token_is_refused_before_ray_starts(tmp_path):
+def test_tans_serve_on_all_interfaces_without_a_token_is_refused_before_ray_starts(tmp_path, ledger):
     """`tans serve --host 0.0.0.0` with no token: exit 2 and one line, and nothing ever listened."""
+    ledger.bad_input(1)
     import os
     import subprocess
     import sys

@@ -3,7 +3,6 @@ destroy or poison the storage root, and a damaged file is one line naming it and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from tans.storage import CorruptArtifact, Storage, StorageError
 from tans.supernets import get_family
 from tans.tasks import TaskError, TaskInfo, check_task_name, read_split, read_task_info, write_task
 from tans.zoo import ZooManifest, part_path, read_zoo, readable_part, write_manifest
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, tree_digest
 from tests.tans.space.test_features_and_space_io import _toy_zoo
 
 # Every bad name the tests try; the fault-suite summary counts them (tests/test_fault_summary.py).
@@ -33,16 +32,8 @@ BAD_NAMES = ["..", ".", "../x", "a/b", "a\\b", "x\n", "\nx", "", " a", "-a", ".h
 GOOD_NAMES = ["a", "local", "local2-ofa_mbv3_w1.0-48px", "cyrillic_0_9", "A.b-c_d", "x" * 128]
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (relative path -> sha256) and every directory (-> "dir")."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def test_one_name_rule():
+def test_one_name_rule(ledger):
+    ledger.bad_input(2 * len(BAD_NAMES))
     for name in GOOD_NAMES:
         assert is_valid_name(name) and check_name(name) == name and check_task_name(name) == name
     for name in BAD_NAMES:
@@ -57,12 +48,14 @@ def test_one_name_rule():
                                      ("zoo", "name"), ("search", "name"), ("search", "space"),
                                      ("evaluate", "name"), ("evaluate", "space")])
 @pytest.mark.parametrize("bad", ["..", "x\n", "a..b", ".hidden"])
-def test_every_job_config_refuses_a_bad_name(job, key, bad):
+def test_every_job_config_refuses_a_bad_name(job, key, bad, ledger):
+    ledger.bad_input()
     with pytest.raises(ConfigError, match=key.split(".")[-1]):
         load_job_config(job, f"configs/{job}/local.yaml", [f"{key}={json.dumps(bad)}"])
 
 
-def test_splits_refuse_a_bad_task_name(tmp_path):
+def test_splits_refuse_a_bad_task_name(tmp_path, ledger):
+    ledger.bad_input()
     path = tmp_path / "splits.yaml"
     path.write_text('meta_train: [a, "b\\n"]\n')
     with pytest.raises(ConfigError, match="meta_train task"):
@@ -80,7 +73,8 @@ def _small_root(root: Path) -> Storage:
 
 
 @pytest.mark.timeout(120)
-def test_train_space_dotdot_is_refused_before_torch_or_ray_and_the_root_is_untouched(tmp_path):
+def test_train_space_dotdot_is_refused_before_torch_or_ray_and_the_root_is_untouched(tmp_path, ledger):
+    ledger.bad_input(2)
     root = tmp_path / "copy"
     _small_root(root)
     before = tree_digest(root)
@@ -93,16 +87,19 @@ def test_train_space_dotdot_is_refused_before_torch_or_ray_and_the_root_is_untou
     assert result == ["RESULT 2 False False"], (proc.stdout, proc.stderr)
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("error:") and "'..'" in errors[0], proc.stderr
+    ledger.intact(before, tree_digest(root))
     assert tree_digest(root) == before
 
     # and as a user types it: exit 2, one line, nothing changed
     proc = run_cli("train-space", "--config", "configs/space/local.yaml", f"root={root}", "name=..", "force=true")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    ledger.intact(before, tree_digest(root))
     assert tree_digest(root) == before
 
 
 @pytest.mark.parametrize("rel", ["", ".", "/", "spaces/..", "a/b/../..", "tasks/../"])
-def test_storage_never_deletes_or_overwrites_the_root(tmp_path, rel):
+def test_storage_never_deletes_or_overwrites_the_root(tmp_path, rel, ledger):
+    ledger.bad_input(5)
     root = tmp_path / "r"
     st = _small_root(root)
     before = tree_digest(root)
@@ -113,7 +110,7 @@ def test_storage_never_deletes_or_overwrites_the_root(tmp_path, rel):
     for escape in ("..", "../x", "a/../../x"):
         with pytest.raises(StorageError, match="escapes"):
             st.delete(escape)
-    assert tree_digest(root) == before
+    ledger.intact(before, tree_digest(root))
 
 
 def _task(name: str, value: int, n: int = 6) -> tuple[TaskInfo, dict, dict]:
@@ -124,9 +121,11 @@ def _task(name: str, value: int, n: int = 6) -> tuple[TaskInfo, dict, dict]:
     return info, {"train": [img] * n, "test": [img] * 2}, {"train": [0, 1] * (n // 2), "test": [0, 1]}
 
 
-def test_task_force_builds_beside_then_swaps(tmp_path, monkeypatch):
+def test_task_force_builds_beside_then_swaps(tmp_path, monkeypatch, ledger):
     st = Storage(str(tmp_path))
     write_task(st, *_task("t", 10), part_rows=4)
+    before = tree_digest(tmp_path)
+    ledger.bad_input()
     with pytest.raises(TaskError, match="already exists"):
         write_task(st, *_task("t", 20))
 
@@ -141,6 +140,8 @@ def test_task_force_builds_beside_then_swaps(tmp_path, monkeypatch):
     monkeypatch.setattr(st, "write_json", crash_on_marker)
     with pytest.raises(KeyboardInterrupt):
         write_task(st, *_task("t", 20, n=8), part_rows=4, force=True)
+    ledger.fault()
+    ledger.intact(before, tree_digest(tmp_path))
     monkeypatch.setattr(st, "write_json", real)
     old = read_split(st, "t", "train")
     assert old.num_rows == 6 and read_task_info(st, "t").counts["train"] == 6
@@ -173,7 +174,7 @@ def _answer(uri: str) -> list[str]:
     return [c.model_id for c in load_space(uri).retrieve(x, torch.arange(4).repeat(5), k=12).candidates]
 
 
-def test_space_force_builds_a_generation_beside_then_swaps(tmp_path):
+def test_space_force_builds_a_generation_beside_then_swaps(tmp_path, ledger):
     st = Storage(str(tmp_path))
     _, info = _toy_space(st, "run1", seed=0)
     finish_space(st, "run1", info)
@@ -181,8 +182,11 @@ def test_space_force_builds_a_generation_beside_then_swaps(tmp_path):
 
     # a forced rebuild writes a generation beside the finished run; until its space.json lands,
     # the old space (and LATEST) answer exactly as before
+    before = tree_digest(tmp_path)
     gen = new_generation()
-    _, new_info = _toy_space(st, "run1", seed=5, files=gen)
+    _, new_info = _toy_space(st, "run1", seed=5, files=gen)  # ... and the process dies here
+    ledger.fault()
+    ledger.intact(before, tree_digest(tmp_path))
     assert _answer(str(tmp_path)) == first and st.read_bytes("spaces/LATEST").decode().strip() == "run1"
     finish_space(st, "run1", new_info)
     second = _answer(str(tmp_path))
@@ -198,7 +202,8 @@ def test_space_force_builds_a_generation_beside_then_swaps(tmp_path):
     assert {p.rsplit("/", 1)[-1] for p in st.list("spaces/run1")} == {"space.json", gen2}
 
 
-def test_corrupt_space_files_are_one_line_naming_the_file_and_the_rebuild(tmp_path):
+def test_corrupt_space_files_are_one_line_naming_the_file_and_the_rebuild(tmp_path, ledger):
+    ledger.fault(6)
     st = Storage(str(tmp_path))
     _, info = _toy_space(st, "run1", seed=0)
     finish_space(st, "run1", info)
@@ -232,7 +237,8 @@ def _toy_zoo_on(st: Storage, name: str = "z") -> pa.Table:
 
 
 @pytest.mark.timeout(120)
-def test_corrupt_zoo_and_task_files_end_in_one_line(tmp_path):
+def test_corrupt_zoo_and_task_files_end_in_one_line(tmp_path, ledger):
+    ledger.fault(3)
     st = Storage(str(tmp_path))
     table = _toy_zoo_on(st)
     assert read_zoo(st, "z").num_rows == table.num_rows
@@ -255,7 +261,8 @@ def test_corrupt_zoo_and_task_files_end_in_one_line(tmp_path):
         read_split(st, "t", "train")
 
 
-def test_a_space_refuses_an_extractor_that_changed_since_it_was_trained(tmp_path):
+def test_a_space_refuses_an_extractor_that_changed_since_it_was_trained(tmp_path, ledger):
+    ledger.fault(2)
     from tans.features import ExtractorError, build_extractor, checkpoint_sha256
 
     family = get_family("ofa_mbv3_tiny")
@@ -273,3 +280,15 @@ def test_a_space_refuses_an_extractor_that_changed_since_it_was_trained(tmp_path
     ckpt.unlink()
     with pytest.raises(ExtractorError, match="extractor is gone.*train-space"):
         build_extractor(spec)
+
+
+def test_predict_skips_an_image_over_the_pixel_bound_without_decoding_it(ledger):
+    ledger.bad_input()
+    from jobs.predict import decode
+    from tests.tans.test_ingest import _bomb_png
+
+    class NeverDecode:
+        def preprocess(self, img):
+            raise AssertionError("an image over the bound reached preprocessing")
+
+    assert decode(_bomb_png(12000), NeverDecode()) is None

@@ -66,6 +66,51 @@ def test_grey_folder_stays_grey_and_corrupt_files_are_skipped(tmp_path):
     assert "skipped 2 unreadable" in report.summary()
 
 
+def _bomb_png(side: int = 20000) -> bytes:
+    """A few-KB PNG whose header declares side x side pixels (1-bit, so making it is cheap)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(60)
+def test_images_over_the_pixel_bound_are_skipped_before_decoding(tmp_path, monkeypatch, ledger):
+    ledger.bad_input(5)
+    from PIL import Image
+
+    from tans.image_limits import ImageTooLarge, open_bounded
+
+    bomb, huge = _bomb_png(12000), _bomb_png(20000)
+    assert len(bomb) < 200_000
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    with pytest.raises(ImageTooLarge, match="144,000,000 pixels is over the bound of 50,000,000"):
+        open_bounded(bomb)
+    with pytest.raises(ImageTooLarge, match="decompression bomb"):  # PIL's own check, met first
+        open_bounded(huge)
+    assert decoded == []  # refused from the header alone
+
+    src = make_imagefolder(tmp_path / "src", {"a": 6, "b": 6})
+    (src / "a" / "bomb.png").write_bytes(bomb)
+    st = Storage(str(tmp_path / "root"))
+    report = ingest_imagefolder(st, str(src), "bombed", image_size=16)
+    assert report.skipped == {"a": 1, "b": 0} and (12000, 12000) not in decoded
+    assert read_task_info(st, "bombed").counts["train"] + read_task_info(st, "bombed").counts["test"] == 12
+
+    # the bound is configurable: here every 20 x 20 image of class b is over it
+    monkeypatch.setenv("TANS_MAX_IMAGE_PIXELS", "399")
+    with pytest.raises(ImageTooLarge):
+        open_bounded((src / "b" / "img_000.png").read_bytes())
+    monkeypatch.setenv("TANS_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="TANS_MAX_IMAGE_PIXELS"):
+        open_bounded(bomb)
+
+
 def _bad(tmp_path, kind):
     src = tmp_path / "src"
     if kind == "missing":

@@ -54,9 +54,10 @@ def _racers(root: str, env: dict, run: str, n: int = 2, hold: float = 2.0) -> li
 
 
 @pytest.mark.timeout(240)
-def test_two_processes_racing_for_a_run_exactly_one_wins(root):
+def test_two_processes_racing_for_a_run_exactly_one_wins(root, ledger):
     uri, env = root
     for round_ in range(3):
+        ledger.fault()
         procs = _racers(uri, env, f"spaces/r{round_}")
         outs = [p.communicate(timeout=60) for p in procs]
         lines = [o.strip() for o, _ in outs]
@@ -68,7 +69,8 @@ def test_two_processes_racing_for_a_run_exactly_one_wins(root):
 
 
 @pytest.mark.timeout(240)
-def test_a_lease_whose_owner_was_killed_is_taken_over(root, monkeypatch):
+def test_a_lease_whose_owner_was_killed_is_taken_over(root, monkeypatch, ledger):
+    ledger.fault()
     uri, env = root
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -93,7 +95,8 @@ def _plant(st: Storage, run: str, host: str, age_s: float, ttl_s: float = 30.0) 
 
 
 @pytest.mark.timeout(120)
-def test_an_owner_elsewhere_keeps_its_lease_until_its_heartbeat_expires(root, monkeypatch):
+def test_an_owner_elsewhere_keeps_its_lease_until_its_heartbeat_expires(root, monkeypatch, ledger):
+    ledger.fault(3)
     uri, env = root
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -110,7 +113,8 @@ def test_an_owner_elsewhere_keeps_its_lease_until_its_heartbeat_expires(root, mo
 
 
 @pytest.mark.timeout(120)
-def test_a_holder_notices_when_its_lease_is_taken(root, monkeypatch):
+def test_a_holder_notices_when_its_lease_is_taken(root, monkeypatch, ledger):
+    ledger.fault()
     uri, env = root
     for k, v in env.items():
         monkeypatch.setenv(k, v)
