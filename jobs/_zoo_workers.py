@@ -22,8 +22,8 @@ from tans.storage import Storage
 from tans.zoo import ZooRow, write_part
 
 
-def task_supernet_rel(zoo: str, task: str) -> str:
-    return f"supernets/{zoo}/tasks/{task}/model.pt"
+def task_supernet_rel(zoo: str, task: str, generation: str = "") -> str:
+    return f"supernets/{zoo}/{generation + '/' if generation else ''}tasks/{task}/model.pt"
 
 
 def _readable_state(storage: Storage, rel: str) -> bool:
@@ -61,14 +61,14 @@ def _device(gpus: float) -> torch.device:
     return torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
-def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str) -> str:
+def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str, generation: str = "") -> str:
     """Fine-tune the base supernet on ``task`` (new head); save it; return its relative path."""
     from tans.elastic import finetune_for_task
     from tans.reader import load_task_tensors
     from tans.supernets import get_family
 
     storage = Storage(storage_uri)
-    rel = task_supernet_rel(cfg.name, task)
+    rel = task_supernet_rel(cfg.name, task, generation)
     if storage.is_file(rel) and not cfg.force and _readable_state(storage, rel):
         return rel  # a resumed build reuses finished fine-tunes (a damaged one is redone)
     torch.set_num_threads(max(1, int(cfg.finetune.cpus_per_task)))
@@ -85,8 +85,9 @@ def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str) ->
         seed=cfg.seed,
         random_subnets=cfg.finetune.random_subnets,
         device=_device(cfg.finetune.gpus_per_task),
+        precision=cfg.finetune.precision,
     )
-    _write_curve(storage, f"supernets/{cfg.name}/tasks/{task}/tb", "finetune/loss", metrics["losses"])
+    _write_curve(storage, f"{rel.rsplit('/', 1)[0]}/tb", "finetune/loss", metrics["losses"])
     _save_state(storage, rel, {k: v.cpu() for k, v in model.state_dict().items()})
     return rel
 
@@ -131,7 +132,7 @@ def measure_items(storage_uri: str, cfg: ZooConfig, task: str, supernet_rel: str
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = []
     for arch in archs:
-        meas = measure_subnet(model, arch, bn, test_batches, cfg.image_size, probe)
+        meas = measure_subnet(model, arch, bn, test_batches, cfg.image_size, probe, precision=m.precision)
         rows.append(
             ZooRow(
                 model_id=model_id(family.name, task, arch),
@@ -153,7 +154,7 @@ def measure_items(storage_uri: str, cfg: ZooConfig, task: str, supernet_rel: str
     return {"task": task, "rows": rows, "node_id": node, "pid": os.getpid(), "seconds": time.perf_counter() - t0}
 
 
-def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str]) -> list[dict]:
+def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str], generation: str = "") -> list[dict]:
     """Fine-tune and measure ``tasks`` on Ray; write each task's part when it completes.
 
     Returns one record per work item (task, node id, pid, seconds) for the job's results.
@@ -170,7 +171,7 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     pending: dict = {}
     left: dict[str, int] = {}
     for task in tasks:
-        supernet = ft.remote(storage.uri, cfg, base_rel, task)
+        supernet = ft.remote(storage.uri, cfg, base_rel, task, generation)
         archs = task_archs(family, cfg.measure.subnets_per_task, cfg.measure.seed, task, cfg.measure.per_task_archs)
         items = [archs[i : i + chunk] for i in range(0, len(archs), chunk)]
         left[task] = len(items)
@@ -189,7 +190,7 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
         left[task] -= 1
         if left[task] == 0:
             rows = sorted((ZooRow(**r) for r in results.pop(task)), key=lambda r: r.model_id)
-            write_part(storage, cfg.name, task, rows)
+            write_part(storage, cfg.name, task, rows, generation)
             bar.update(1)
             finished = len(tasks) - len(left_tasks(left))
             eta = (time.perf_counter() - t0) / finished * (len(tasks) - finished)

@@ -18,8 +18,10 @@ model ids and measurements. `tans build-zoo` runs exactly this.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 
 from jobs._common import run_main, split_overrides
@@ -27,8 +29,8 @@ from tans.config import to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.storage import Storage
 from tans.tasks import TaskError, task_exists
-from tans.zoo import (ZooError, ZooManifest, finished_tasks, format_stats, read_zoo, readable_part, write_manifest,
-                      zoo_stats)
+from tans.zoo import (ZooError, ZooManifest, base_folder, finished_tasks, format_stats, part_path, read_manifest,
+                      read_zoo, readable_part, write_manifest, zoo_stats)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -95,29 +97,42 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         print(f"[zoo] {cfg.name}: family {family.name}, {cfg.image_size}px, {len(tasks)} tasks, "
               f"{cfg.measure.subnets_per_task} subnets per task -> {storage.uri_of('zoo/' + cfg.name)}")
-        storage.write_json(f"supernets/{cfg.name}/config.json", to_dict(cfg))
+        # A finished zoo is never rebuilt in place: --force builds a new generation beside it - base
+        # supernet, per-task supernets and parts (tans.zoo.part_path) - swapped in by the manifest
+        # written last. Until then the old zoo, and the spaces built on it, stay whole.
+        live = read_manifest(storage, cfg.name).parts if storage.is_file(f"zoo/{cfg.name}/zoo.json") else None
+        generation = f"g-{uuid.uuid4().hex[:8]}" if cfg.force and live is not None else (live or "")
+        storage.write_json(f"supernets/{cfg.name}/config.json",
+                           {k: v for k, v in to_dict(cfg).items() if k != "force"})
 
         from jobs.pretrain_supernet import pretrain_base
         from tans import runtime
 
         runtime.init_ray()
-        base_rel = pretrain_base(cfg, storage, pretrain_tasks)
+        if generation and generation != live:  # a fresh generation: nothing in it to reuse
+            base_rel = pretrain_base(replace(cfg, force=False), storage, pretrain_tasks,
+                                     base=f"supernets/{cfg.name}/{generation}/base")
+        else:
+            base_rel = pretrain_base(cfg, storage, pretrain_tasks, base=base_folder(cfg.name, generation))
         print(f"[zoo] base supernet: {storage.uri_of(base_rel)} ({time.perf_counter() - t0:.0f}s)")
 
-        done = set() if cfg.force else {t for t in finished_tasks(storage, cfg.name) if readable_part(storage, cfg.name, t)}
+        done = set() if cfg.force else {t for t in finished_tasks(storage, cfg.name, generation)
+                                        if readable_part(storage, cfg.name, t, generation)}
         todo = [t for t in tasks if t not in done]
         if len(todo) < len(tasks):
             print(f"[zoo] {len(tasks) - len(todo)} task(s) already measured; skipping them (--force redoes them)")
         if todo:
             from jobs._zoo_workers import build_tasks
 
-            nodes = build_tasks(cfg, storage, base_rel, todo)
-            storage.write_json(f"zoo/{cfg.name}/build.json", {"items": nodes, "finished_at": _now()})
-        rows = sum(read_zoo_part_rows(storage, cfg.name, t) for t in tasks)
+            nodes = build_tasks(cfg, storage, base_rel, todo, generation)
+            build_rel = f"zoo/{cfg.name}/{generation + '/' if generation else ''}build.json"
+            storage.write_json(build_rel, {"items": nodes, "finished_at": _now()})
+        rows = sum(read_zoo_part_rows(storage, cfg.name, t, generation) for t in tasks)
         lease.check()  # another writer took the zoo over: leave the manifest to it
         write_manifest(
             storage,
-            ZooManifest(cfg.name, family.name, cfg.image_size, splits_hash, tasks, rows, to_dict(cfg), _now()),
+            ZooManifest(cfg.name, family.name, cfg.image_size, splits_hash, tasks, rows, to_dict(cfg), _now(),
+                        parts=generation),
         )
         table = read_zoo(storage, cfg.name)
         print(format_stats(cfg.name, zoo_stats(table)))
@@ -125,10 +140,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def read_zoo_part_rows(storage: Storage, zoo: str, task: str) -> int:
+def read_zoo_part_rows(storage: Storage, zoo: str, task: str, generation: str = "") -> int:
     import pyarrow.parquet as pq
 
-    path = storage.path(f"zoo/{zoo}/part-{task}.parquet")
+    path = storage.path(part_path(zoo, task, generation))
     return pq.ParquetFile(storage.fs.open_input_file(path)).metadata.num_rows
 
 

@@ -199,7 +199,8 @@ def train_loop(config: dict) -> None:
     # Resumes at the step after the last finished epoch: those epochs are never run again.
     train_supernet(model, data, family, steps=epochs * per_epoch, batch_size=batch, lr=config["lr"],
                    seed=config["seed"], random_subnets=config["random_subnets"], rank=rank, world_size=world,
-                   start_step=state["step"], on_epoch_end=on_epoch_end, log=log, optimizer=optimizer)
+                   start_step=state["step"], on_epoch_end=on_epoch_end, log=log, optimizer=optimizer,
+                   precision=config.get("precision", "fp32"))
     if writer is not None:
         writer.close()
         _upload_tb(config, writer)
@@ -262,7 +263,7 @@ def _wait_for_reported_checkpoint(timeout_s: float = 30.0) -> None:
 # -- the driver ------------------------------------------------------------------------------
 
 
-def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
+def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str = "") -> str:
     """Pretrain (or reuse) the base supernet of zoo ``cfg.name`` on ``tasks`` (meta_train).
 
     Returns the path of the final state dict relative to the storage root
@@ -273,7 +274,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
     """
     from tans.supernets import get_family
 
-    base = base_dir(cfg.name)
+    base = base or base_dir(cfg.name)  # build-zoo --force passes its generation's own base folder
     model_rel, done_rel = f"{base}/model.pt", f"{base}/done.json"
     if storage.is_file(done_rel) and not cfg.force:
         done = storage.read_json(done_rel)
@@ -301,7 +302,8 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
     init_state = _initial_state(family, layout.num_classes, p.init)
 
     # What the weights depend on; a leftover run with other settings cannot be resumed.
-    settings = {k: v for k, v in to_dict(p).items() if k != "max_failures"}
+    # (precision fp32, the default, is left out: runs recorded before the option existed still resume)
+    settings = {k: v for k, v in to_dict(p).items() if k != "max_failures" and (k, v) != ("precision", "fp32")}
     fingerprint = {"family": cfg.family, "image_size": cfg.image_size, "seed": cfg.seed, "tasks": list(tasks),
                    "pretrain": settings}
     out = _attempt_dir(storage, base, fingerprint, finished=storage.is_file(done_rel))
@@ -321,6 +323,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str]) -> str:
         "momentum": p.momentum, "weight_decay": p.weight_decay, "random_subnets": p.random_subnets,
         "init_ref": ray.put(init_state) if init_state is not None else None, "tb_rel": f"{out}/tb",
         "progress": progress, "trace_dir": trace_dir, "fail_at_epoch": int(fail_at) if fail_at and trace_dir else -1,
+        "precision": p.precision,
     }
     print(f"[pretrain] {cfg.name}: {family.name} at {cfg.image_size}px on {len(tasks)} tasks, {pooled} images, "
           f"{layout.num_classes} classes; {p.epochs} epochs on {p.num_workers} worker(s) -> {storage.uri_of(base)}")

@@ -56,6 +56,9 @@ from tans.storage import Storage
 
 # Test hook: a trial of this model id raises (a failing trial must not fail the search).
 FAIL_MODEL_ENV = "TANS_SEARCH_FAIL_MODEL"
+# Test hook: "<model_id>:<dir>" - that model's trial process dies (os._exit, as when its node is
+# lost) once, right after its first epoch's checkpoint; <dir>/epochs.txt records every epoch started.
+DIE_ONCE_ENV = "TANS_SEARCH_DIE_ONCE"
 
 
 # -- the Tune trainable ---------------------------------------------------------------------------
@@ -87,6 +90,11 @@ def finetune_trial(config: dict, data=None) -> None:
         if state["epochs_done"] >= spec.epochs:
             return
 
+    die_model, _, die_dir = os.environ.get(DIE_ONCE_ENV, "").partition(":")
+    if die_model == spec.model_id:
+        with open(os.path.join(die_dir, "epochs.txt"), "a") as f:
+            f.write(f"{state['epochs_done']}\n")
+
     def on_epoch(epoch, metrics, net, optimizer):
         state["val"].append(metrics["val_accuracy"])
         state["test"].append(metrics["test_accuracy"])
@@ -100,10 +108,14 @@ def finetune_trial(config: dict, data=None) -> None:
                          "train_loss": metrics["train_loss"], "lr": metrics["lr"], "epochs_done": metrics["epochs_done"],
                          "val_history": list(state["val"]), "test_history": list(state["test"])},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
+        if die_model == spec.model_id and not os.path.exists(os.path.join(die_dir, "died")):
+            open(os.path.join(die_dir, "died"), "w").close()
+            os._exit(1)  # the whole worker process, abruptly: Tune must restart it from the checkpoint
 
     finetune(model, data.train, data.val, data.test, spec.epochs, config["batch_size"], spec.lr, spec.seed,
              weight_decay=config["weight_decay"], on_epoch=on_epoch, start_epoch=state["epochs_done"],
-             optimizer_state=optimizer_state, model_state=model_state, device=device)
+             optimizer_state=optimizer_state, model_state=model_state, device=device,
+             precision=config.get("precision", "fp32"))
 
 
 def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec], data, cfg: SearchConfig,
@@ -136,7 +148,8 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
         tuner = tune.Tuner(
             trainable,
             param_space={"spec": tune.grid_search([s.to_dict() for s in specs]), "batch_size": cfg.batch_size,
-                         "weight_decay": cfg.weight_decay, "threads": cfg.cpus_per_trial, "gpus": cfg.gpus_per_trial},
+                         "weight_decay": cfg.weight_decay, "threads": cfg.cpus_per_trial, "gpus": cfg.gpus_per_trial,
+                         "precision": cfg.precision},
             # reuse_actors: a trial actor imports torch and the zoo's code once (~7 s on 2 cores)
             # and then runs trial after trial; every trial sets its own threads, seed and model.
             tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler, reuse_actors=True),
@@ -234,7 +247,9 @@ NOT_IN_FINGERPRINT = ("force", "root", "name", "cpus_per_trial", "gpus_per_trial
 
 def search_fingerprint(cfg: SearchConfig, task: str, space_info: dict) -> dict:
     """What a search's answer depends on: its settings, its dataset, and the exact space it used."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IN_FINGERPRINT}
+    # precision fp32 (the default) is left out, so runs recorded before the option existed still match
+    settings = {k: v for k, v in to_dict(cfg).items()
+                if k not in NOT_IN_FINGERPRINT and (k, v) != ("precision", "fp32")}
     return {"settings": settings, "task": task,
             "space": {k: space_info.get(k) for k in ("uri", "zoo", "created_at", "files")}}
 

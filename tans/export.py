@@ -1,9 +1,11 @@
 """The exported winner of a search: a standalone subnet anyone can load and run.
 
 An export is a directory with two files, written atomically, ``model.json`` last (so a reader
-that finds ``model.json`` finds a complete ``model.pt``):
+that finds ``model.json`` finds complete weights):
 
-* ``model.pt``: the subnet's state dict (CPU tensors), loaded with ``weights_only=True``;
+* ``model.pt``: the subnet's state dict (CPU tensors), loaded with ``weights_only=True``. An
+  export written over an existing one names its weights ``model-<id>.pt`` and the new
+  ``model.json`` (its ``weights`` key) swaps them in; the old weights go after that;
 * ``model.json``: what is needed to rebuild and feed it: the family and arch (the structure is
   rebuilt from them, see :func:`tans.finetune.build_structure`), the class names, the input
   size and channels, and the preprocessing (resize, channels, scaling to [-1, 1] exactly as
@@ -20,6 +22,7 @@ import io
 import json
 import os
 import posixpath
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -117,9 +120,19 @@ def export_model(
     torch.save(state, buf)
     rel_dir = rel_dir.strip("/")
     join = (lambda name: f"{rel_dir}/{name}") if rel_dir else (lambda name: name)
-    storage.delete(join(MODEL_JSON))  # an old export stops being visible before its weights change
-    storage.write_bytes(join(MODEL_PT), buf.getvalue())
+    # Replacing an export builds beside it, then swaps: the new weights get a name of their own,
+    # and the new model.json (one atomic write) names them. Until then the old export loads whole.
+    replacing = storage.is_file(join(MODEL_JSON))
+    weights = f"model-{uuid.uuid4().hex[:8]}.pt" if replacing else MODEL_PT
+    meta["weights"] = weights
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    storage.write_bytes(join(weights), buf.getvalue())
     storage.write_text(join(MODEL_JSON), text)
+    if replacing:
+        for entry in storage.list(rel_dir):
+            name = entry.rsplit("/", 1)[-1]
+            if name.startswith("model") and name.endswith(".pt") and name != weights:
+                storage.delete(entry)
     return storage.uri_of(rel_dir)
 
 
@@ -334,7 +347,10 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
         model = build_structure(meta["family"], arch, len(meta["classes"]))
     except (KeyError, TypeError, ValueError) as err:  # SupernetError is a ValueError
         raise ModelLoadError(f"{where}/{MODEL_JSON}: cannot rebuild the network ({_one_line(err)})") from None
-    raw = _read(fs, posixpath.join(base, MODEL_PT), where, MODEL_PT)
+    weights = meta.get("weights", MODEL_PT)
+    if not isinstance(weights, str) or "/" in weights or not weights.endswith(".pt"):
+        raise ModelLoadError(f"{where}/{MODEL_JSON}: 'weights' must name a .pt file beside it, got {weights!r}")
+    raw = _read(fs, posixpath.join(base, weights), where, weights)
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, corrupt, or pickles code

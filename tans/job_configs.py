@@ -100,6 +100,7 @@ class PretrainConfig:
     use_gpu: bool = False
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from last checkpoint)
     init: str = ""  # "" random init; "ofa:<net_id>" or a checkpoint URI (local or s3://)
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (losses, weights, BN stats fp32)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class FinetuneConfig:
     random_subnets: int = 1
     cpus_per_task: float = 1.0
     gpus_per_task: float = 0.0
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (losses, weights, BN stats fp32)
 
 
 @dataclass
@@ -129,6 +131,7 @@ class MeasureConfig:
     probe_seed: int = 0
     cpus_per_item: float = 1.0
     gpus_per_item: float = 0.0
+    precision: str = "fp32"  # "bf16": the accuracy forward under bfloat16 autocast (BN recalibration, f_emb fp32)
 
 
 @dataclass
@@ -158,6 +161,8 @@ class ZooConfig:
             raise ValueError(f"image_size must be >= 16, got {self.image_size}")
         if self.measure.subnets_per_task < 2:
             raise ValueError("measure.subnets_per_task must be >= 2 (the largest and the smallest)")
+        for part in ("pretrain", "finetune", "measure"):
+            check_precision(getattr(self, part).precision, f"{part}.precision")
 
 
 @dataclass
@@ -273,9 +278,10 @@ class SearchConfig:
     logme_images: int = 500  # train images whose features LogME scores
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    precision: str = "fp32"  # "bf16": fine-tuning forwards under bfloat16 autocast (losses, weights, BN stats fp32)
     asha: bool = False  # ASHA stops weak candidates early (candidates only, never baselines)
     asha_grace_epochs: int = 0  # epochs every candidate gets before ASHA may stop it; 0 = half the epochs
-    max_failures: int = 0  # retries of a failed trial
+    max_failures: int = 2  # retries of a failed trial (a lost worker or node), each from its last checkpoint
     force: bool = False  # redo a finished search
 
     def validate(self) -> None:
@@ -298,6 +304,7 @@ class SearchConfig:
                 raise ValueError(f"unknown baseline {b!r} (known: {', '.join(known)})")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        check_precision(self.precision, "precision")
 
 
 @dataclass
@@ -341,6 +348,12 @@ class EvaluateConfig:
             raise ValueError(f"scratch_long_factor must be >= 1, got {self.scratch_long_factor}")
         if not self.search:
             raise ValueError("search: name the search config whose fine-tune recipe is the ground truth")
+
+
+def check_precision(value: str, key: str) -> None:
+    """``fp32`` or ``bf16`` (tans.elastic.PRECISIONS), else a one-line error naming ``key``."""
+    if value not in ("fp32", "bf16"):
+        raise ValueError(f"{key} must be fp32 or bf16, got {value!r}")
 
 
 def check_run_refs(name: str, space: str) -> None:

@@ -70,14 +70,21 @@ class ZooManifest:
     rows: int
     config: dict = field(default_factory=dict)
     created_at: str = ""
+    parts: str = ""  # "" or the generation folder (g-<id>) holding the parts (a `--force` rebuild)
 
 
 def zoo_dir(zoo: str) -> str:
     return f"zoo/{zoo}"
 
 
-def part_path(zoo: str, task: str) -> str:
-    return f"{zoo_dir(zoo)}/part-{task}.parquet"
+def part_path(zoo: str, task: str, generation: str = "") -> str:
+    """A task's part; a forced rebuild writes its parts in a generation folder beside the live ones.
+
+    ``build-zoo --force`` on a finished zoo writes ``zoo/<zoo>/g-<id>/part-*.parquet`` (and its
+    per-task supernets under ``supernets/<zoo>/g-<id>/``); the new ``zoo.json``, whose ``parts``
+    names the generation, swaps them in with one atomic write. Until then the old zoo is whole.
+    """
+    return f"{zoo_dir(zoo)}/{generation + '/' if generation else ''}part-{task}.parquet"
 
 
 def rows_to_table(rows: list[ZooRow]) -> pa.Table:
@@ -85,40 +92,48 @@ def rows_to_table(rows: list[ZooRow]) -> pa.Table:
     return pa.table(cols, schema=ZOO_SCHEMA)
 
 
-def write_part(storage: Storage, zoo: str, task: str, rows: list[ZooRow]) -> None:
+def write_part(storage: Storage, zoo: str, task: str, rows: list[ZooRow], generation: str = "") -> None:
     """Write all rows of one task at once (atomic): a part is either complete or absent."""
     if any(r.task != task for r in rows):
         raise ZooError(f"zoo {zoo}: rows of another task in part-{task}")
     ids = [r.model_id for r in rows]
     if len(set(ids)) != len(ids):
         raise ZooError(f"zoo {zoo}: duplicate model ids in task {task}")
-    storage.write_parquet(part_path(zoo, task), rows_to_table(rows))
+    storage.write_parquet(part_path(zoo, task, generation), rows_to_table(rows))
 
 
-def finished_tasks(storage: Storage, zoo: str) -> set[str]:
+def finished_tasks(storage: Storage, zoo: str, generation: str = "") -> set[str]:
     """Tasks whose part file exists (complete, since parts are written atomically)."""
-    prefix = f"{zoo_dir(zoo)}/part-"
-    return {p[len(prefix) : -len(".parquet")] for p in storage.list(zoo_dir(zoo)) if p.startswith(prefix) and p.endswith(".parquet")}
+    folder = f"{zoo_dir(zoo)}/{generation}" if generation else zoo_dir(zoo)
+    prefix = f"{folder}/part-"
+    return {p[len(prefix) : -len(".parquet")] for p in storage.list(folder) if p.startswith(prefix) and p.endswith(".parquet")}
+
+
+def base_folder(zoo: str, generation: str = "") -> str:
+    """The base supernet's folder: ``supernets/<zoo>/base`` or ``supernets/<zoo>/<generation>/base``."""
+    return f"supernets/{zoo}/{generation + '/' if generation else ''}base"
 
 
 def base_model_rel(storage: Storage, zoo: str) -> str:
-    """The finished base supernet of ``zoo``: the file its ``done.json`` names.
+    """The finished base supernet of ``zoo`` (the live generation's): the file its ``done.json`` names.
 
-    ``supernets/<zoo>/base/model.pt`` for a first build; a forced re-pretraining writes
-    ``base/g-<id>/model.pt`` beside it and swaps ``done.json`` (jobs.pretrain_supernet).
+    ``supernets/<zoo>/base/model.pt`` for a first build; ``build-zoo --force`` builds a whole
+    generation ``supernets/<zoo>/g-<id>/base/`` that the manifest swaps in; a standalone forced
+    re-pretraining writes ``base/g-<id>/model.pt`` and swaps ``done.json`` (jobs.pretrain_supernet).
     """
-    done = f"supernets/{zoo}/base/done.json"
-    if storage.is_file(done):
-        model = storage.read_json(done).get("model", "")
+    generation = read_manifest(storage, zoo).parts if storage.is_file(f"{zoo_dir(zoo)}/zoo.json") else ""
+    folder = base_folder(zoo, generation)
+    if storage.is_file(f"{folder}/done.json"):
+        model = storage.read_json(f"{folder}/done.json").get("model", "")
         if model:
             return model
-    return f"supernets/{zoo}/base/model.pt"
+    return f"{folder}/model.pt"
 
 
-def readable_part(storage: Storage, zoo: str, task: str) -> bool:
+def readable_part(storage: Storage, zoo: str, task: str, generation: str = "") -> bool:
     """False (and a note on stdout) when a finished task's part is damaged: the build redoes it."""
     try:
-        storage.read_parquet(part_path(zoo, task), columns=["model_id"])
+        storage.read_parquet(part_path(zoo, task, generation), columns=["model_id"])
         return True
     except CorruptArtifact as exc:
         print(f"[zoo] {exc.args[0].split(';')[0]}: rebuilding task {task!r}")
@@ -126,7 +141,18 @@ def readable_part(storage: Storage, zoo: str, task: str) -> bool:
 
 
 def write_manifest(storage: Storage, manifest: ZooManifest) -> None:
+    """Write ``zoo.json`` (the swap), then delete the parts and supernets it no longer names."""
     storage.write_json(f"{zoo_dir(manifest.name)}/zoo.json", asdict(manifest))
+    drop_stale_generations(storage, manifest.name, manifest.parts)
+
+
+def drop_stale_generations(storage: Storage, zoo: str, live: str) -> None:
+    """Remove other generations' parts and per-task supernets (and the first build's, once replaced)."""
+    for folder, first_build in ((zoo_dir(zoo), ("part-", "build.json")), (f"supernets/{zoo}", ("tasks", "base"))):
+        for entry in storage.list(folder):
+            name = entry.rsplit("/", 1)[-1]
+            if (name.startswith("g-") and name != live) or (live and name.startswith(first_build)):
+                storage.delete(entry)
 
 
 def read_manifest(storage: Storage, zoo: str) -> ZooManifest:
@@ -141,7 +167,7 @@ def read_manifest(storage: Storage, zoo: str) -> ZooManifest:
 def read_zoo(storage: Storage, zoo: str) -> pa.Table:
     """All rows of a finished zoo (the tasks its manifest lists), as one table."""
     manifest = read_manifest(storage, zoo)
-    tables = [storage.read_parquet(part_path(zoo, t)) for t in manifest.tasks]
+    tables = [storage.read_parquet(part_path(zoo, t, manifest.parts)) for t in manifest.tasks]
     table = pa.concat_tables(tables) if tables else ZOO_SCHEMA.empty_table()
     if table.num_rows != manifest.rows:
         raise ZooError(f"zoo {zoo!r}: manifest says {manifest.rows} rows, parts hold {table.num_rows}")

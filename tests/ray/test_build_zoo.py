@@ -105,3 +105,65 @@ def test_bad_input_is_one_line_and_leaves_no_zoo(tiny_root, tmp_path, overrides,
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert not (tiny_root / "zoo" / name).exists()
+
+
+@pytest.mark.timeout(1800)
+def test_force_rebuilds_beside_the_finished_zoo_and_a_damaged_part_is_rebuilt(built, tmp_path, ledger):
+    """`build-zoo --force`, SIGKILLed mid-build, leaves the old zoo whole; run to the end, the new
+    generation swaps in and the old parts go. A truncated part is rebuilt by a plain re-run."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, tree_digest
+
+    src, _ = built
+    root = tmp_path / "copy"
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("spaces", "searches", "evaluations", "queries"))
+    st = Storage(str(root))
+    zoo_dir = root / "zoo" / ZOO
+    old_rows = read_zoo(st, ZOO).sort_by("model_id")
+
+    # a damaged part: one line from readers, and the next plain build rebuilds that task only
+    part = zoo_dir / "part-digits_5_10.parquet"
+    part.write_bytes(part.read_bytes()[:-64])
+    ledger.fault()
+    rebuilt = run_cli("build-zoo", "--config", TINY, "--root", str(root), timeout=900)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert "rebuilding task 'digits_5_10'" in rebuilt.stdout and "3 task(s) already measured" in rebuilt.stdout
+    assert read_zoo(st, ZOO).num_rows == old_rows.num_rows
+    old_rows = read_zoo(st, ZOO).sort_by("model_id")
+
+    before = {**{f"zoo/{k}": v for k, v in tree_digest(zoo_dir).items()},
+              **{f"supernets/{k}": v for k, v in tree_digest(root / "supernets" / ZOO).items()}}
+    cmd = [sys.executable, "-m", "tans.cli", "build-zoo", "--config", TINY, "--root", str(root), "--force"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=os.environ.copy())
+    deadline = time.monotonic() + 900
+    try:
+        while time.monotonic() < deadline and not list(zoo_dir.glob("g-*/part-*.parquet")):
+            assert proc.poll() is None, "the forced build ended before it was killed"
+            time.sleep(0.3)
+        assert list(zoo_dir.glob("g-*/part-*.parquet")), "the forced build wrote no part"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    ledger.fault()
+    after = {**{f"zoo/{k}": v for k, v in tree_digest(zoo_dir).items()},
+             **{f"supernets/{k}": v for k, v in tree_digest(root / "supernets" / ZOO).items()}}
+    ledger.intact(before, after)
+    assert read_zoo(st, ZOO).sort_by("model_id").equals(old_rows)
+
+    again = run_cli("build-zoo", "--config", TINY, "--root", str(root), "--force", timeout=1200)
+    assert again.returncode == 0, again.stderr[-2000:]
+    gen = read_manifest(st, ZOO).parts
+    assert gen.startswith("g-")
+    assert sorted(p.name for p in zoo_dir.iterdir()) == [gen, "zoo.json"]
+    assert (zoo_dir / gen / "build.json").is_file()
+    assert sorted(p.name for p in (root / "supernets" / ZOO).iterdir()) == ["base", "config.json", gen]
+    rows = read_zoo(st, ZOO)
+    assert rows.num_rows == old_rows.num_rows
+    assert all(f"/supernets/{ZOO}/{gen}/tasks/" in uri for uri in rows.column("supernet_uri").to_pylist())

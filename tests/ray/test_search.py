@@ -105,6 +105,27 @@ def test_a_failing_trial_does_not_fail_the_search(searched):
 
 
 @pytest.mark.timeout(1800)
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(searched, tmp_path):
+    """A trial process killed mid-search (as when its node is lost) restarts from its last
+    checkpoint, and the search ends with a complete report."""
+    root, limit, _ = searched
+    first = json.loads((root / "searches" / "s1" / "report.json").read_text())["candidates"][0]["model_id"]
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    proc = _search(root, "--max-params", str(limit), "--name", "s4", "baselines=[scratch]", "epochs=3",
+                   env={"TANS_SEARCH_DIE_ONCE": f"{first}:{trace}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    LEDGER.fault()
+    assert (trace / "died").exists()  # the trial process really died once
+    # started at epoch 0, died after epoch 1's checkpoint, restarted from it: epochs 0 and 1 ran once
+    assert (trace / "epochs.txt").read_text().split() == ["0", "1"]
+    report = json.loads((root / "searches" / "s4" / "report.json").read_text())
+    victim = next(c for c in report["candidates"] if c["model_id"] == first)
+    assert victim["status"] == "finished" and len(victim["epoch_accuracy"]) == 3
+    assert all(c["status"] == "finished" for c in report["candidates"]) and not report.get("failed_trials")
+
+
+@pytest.mark.timeout(1800)
 def test_an_interrupted_search_resumes(tiny_space):
     root, _ = tiny_space
     cmd = [sys.executable, "-m", "tans.cli", "search", "--config", CFG, "--root", str(root), "--dataset", TASK,

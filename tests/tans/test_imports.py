@@ -35,6 +35,9 @@ CORE_MODULES = [
     "tans.evaluation",
     "tans.selection_metrics",
     "tans.transferability",
+    "tans.names",
+    "tans.lease",
+    "tans.image_limits",
 ]
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,10 +85,24 @@ def test_export_then_load_reproduces_the_fine_tuned_model(monkeypatch):
     again = tans.load_model(uri)
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), model.state_dict().values()))
 
-    # Exporting again over it replaces the weights (the old model.json goes first).
+    # Exporting again over it builds beside, then swaps: the new weights get their own name, and
+    # until the new model.json lands the old export loads whole (a crash leaves old or new).
     other = build_candidate(TINY, arch, 3, None, seed=9)
+    real_write_text = storage.write_text
+
+    def crash(rel, text):
+        raise KeyboardInterrupt("killed before the swap")
+
+    storage.write_text = crash
+    with pytest.raises(KeyboardInterrupt):
+        export_model(storage, "searches/run1/model", other, TINY, arch, CLASSES, 32, 3, {})
+    storage.write_text = real_write_text
+    assert torch.equal(load_model(uri).model.classifier.linear.weight, model.classifier.linear.weight)
     export_model(storage, "searches/run1/model", other, TINY, arch, CLASSES, 32, 3, {})
     assert torch.equal(load_model(uri).model.classifier.linear.weight, other.classifier.linear.weight)
+    names = sorted(os.listdir(uri))
+    assert len(names) == 2 and "model.json" in names and "model.pt" not in names  # the old weights went
+    assert json.loads((Path(uri) / "model.json").read_text())["weights"] in names
 
 
 @pytest.mark.timeout(60)
