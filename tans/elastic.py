@@ -7,6 +7,11 @@ shared weights serve every size at once. The model may come wrapped in DDP; arch
 workers. Wrap with ``find_unused_parameters=True``: small subnets leave blocks and channels
 unused. Every rank draws the same random archs (their rng is seeded by ``(seed, step)``), as
 OFA's distributed trainer does: otherwise ranks would average gradients of different subnets.
+
+``precision="bf16"`` runs the forward passes under ``torch.autocast`` (bfloat16, on the model's
+device type: CUDA, or CPU in tests); losses are taken in fp32 on ``logits.float()`` and backward,
+the optimizer, weights and BatchNorm running statistics stay fp32. ``"fp32"`` (the default) is
+the plain fp32 path, bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +27,26 @@ from torch import nn
 from tans.reader import TaskTensors, iter_batches
 from tans.subnets import largest, random_arch, set_arch, smallest
 from tans.supernets import SupernetFamily, load_state, unwrap
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else a one-line ``ValueError``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def autocast(device: str | torch.device, precision: str = "fp32") -> torch.autocast:
+    """The autocast context for forward passes on ``device``: bfloat16 for ``"bf16"``, off for ``"fp32"``.
+
+    Disabled autocast changes nothing, so the fp32 path stays bit-identical. Only the forward
+    pass belongs inside it: compute losses on ``logits.float()`` and call ``backward`` outside.
+    """
+    device_type = torch.device(device).type
+    return torch.autocast(device_type="cuda" if device_type == "cuda" else "cpu", dtype=torch.bfloat16,
+                          enabled=check_precision(precision) == "bf16")
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 3e-5) -> torch.optim.SGD:
@@ -57,11 +82,13 @@ def sandwich_step(
     family: SupernetFamily,
     rng: random.Random,
     random_subnets: int = 1,
+    precision: str = "fp32",
 ) -> float:
     """One optimizer step over the largest, the smallest and ``random_subnets`` random archs.
 
     Gradients of the subnets' cross-entropy losses are summed; returns their mean loss. The
-    model is left set to the largest arch.
+    model is left set to the largest arch. ``precision="bf16"``: forwards under bf16 autocast,
+    losses in fp32.
     """
     net = unwrap(model)
     model.train()
@@ -70,7 +97,9 @@ def sandwich_step(
     total = 0.0
     for arch in archs:
         set_arch(net, arch)
-        loss = F.cross_entropy(model(images), labels)
+        with autocast(images.device, precision):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels)  # .float(): a no-op in fp32
         loss.backward()
         total += float(loss.detach())
     optimizer.step()
@@ -95,6 +124,7 @@ def train_supernet(
     on_epoch_end: Callable[[int, int], None] | None = None,
     log: Callable[[int, dict], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Train ``model`` for optimizer steps ``start_step .. steps-1`` with the sandwich rule.
 
@@ -106,8 +136,10 @@ def train_supernet(
     runs after every full epoch and once more if the last step falls inside an epoch (for
     checkpoints); ``log(step, {"loss", "lr", "epoch"})`` after every step, ``step`` counting the
     steps done (for curves). Pass ``optimizer`` to resume with a restored optimizer state.
+    ``precision``: ``"fp32"`` or ``"bf16"`` (autocast forwards; see :func:`sandwich_step`).
     Returns ``{"losses": [per step run here], "steps": steps done in total}``.
     """
+    check_precision(precision)
     per_epoch = (len(data) // world_size) // batch_size
     if per_epoch < 1:
         raise ValueError(f"{len(data)} images cannot fill one batch of {batch_size} on each of {world_size} workers; "
@@ -134,7 +166,8 @@ def train_supernet(
                 group["lr"] = current_lr
             # Same archs on every rank: the rng depends on (seed, step) only.
             rng = random.Random(seed * 1_000_003 + step)
-            loss = sandwich_step(model, images.to(device), labels.to(device), optimizer, family, rng, random_subnets)
+            loss = sandwich_step(model, images.to(device), labels.to(device), optimizer, family, rng, random_subnets,
+                                 precision)
             losses.append(loss)
             step += 1
             if log is not None:
@@ -157,12 +190,14 @@ def finetune_for_task(
     seed: int,
     random_subnets: int = 1,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> tuple[nn.Module, dict]:
     """Fine-tune the base supernet on one task: same body, a new ``num_classes`` head.
 
     ``base_state`` is the base supernet's state dict (its head may have any size; see
     :func:`tans.supernets.load_state`). Returns the trained supernet (set to its largest arch)
     and ``{"losses", "steps", "loaded"}`` (``loaded``: body tensors copied from ``base_state``).
+    ``precision``: ``"fp32"`` or ``"bf16"`` (autocast forwards; weights and BatchNorm stay fp32).
     """
     state = base_state["state_dict"] if isinstance(base_state.get("state_dict"), dict) else base_state
     body = {k: v for k, v in state.items() if not k.removeprefix("module.").startswith("classifier.")}
@@ -172,5 +207,5 @@ def finetune_for_task(
     loaded = load_state(model, body, source="base supernet")["loaded"]
     model.to(device)
     result = train_supernet(model, data, family, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                            random_subnets=random_subnets)
+                            random_subnets=random_subnets, precision=precision)
     return model, {**result, "loaded": loaded}

@@ -9,7 +9,9 @@ learning rate stepped once per optimisation step over ``epochs x steps_per_epoch
 rate reaches ~0 at the very last step. The Ray Tune trainable that runs one trial per candidate
 calls :func:`finetune` with an ``on_epoch`` callback (report + checkpoint) and resumes an
 interrupted trial with ``start_epoch`` and the saved model and optimizer states: the resumed run
-follows the same schedule and batches as an uninterrupted one.
+follows the same schedule and batches as an uninterrupted one. ``precision="bf16"`` runs the
+training and evaluation forwards under bfloat16 autocast (losses in fp32; weights, optimizer and
+BatchNorm recalibration fp32); ``"fp32"``, the default, is the plain fp32 path.
 
 Sizes: :func:`model_size` of a standalone subnet equals :func:`tans.measure.count_params` /
 :func:`tans.measure.count_flops` of its arch on the supernet (classifier excluded), so the
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tans.elastic import cosine_lr, make_optimizer
+from tans.elastic import autocast, check_precision, cosine_lr, make_optimizer
 from tans.measure import flops_of
 from tans.reader import TaskTensors, iter_batches
 from tans.subnets import Arch, set_arch
@@ -195,8 +197,11 @@ def extract_features(model: nn.Module, data: TaskTensors, batch_size: int = 256)
     return torch.cat(out).numpy()
 
 
-def evaluate_accuracy(model: nn.Module, data: TaskTensors, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no grad; the mode is restored)."""
+def evaluate_accuracy(model: nn.Module, data: TaskTensors, batch_size: int = 256, precision: str = "fp32") -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (eval mode, no grad; the mode is restored).
+
+    ``precision="bf16"``: the forwards run under bfloat16 autocast (logits cast to fp32).
+    """
     if len(data) == 0:
         raise ValueError("evaluate_accuracy needs at least one image")
     was_training = model.training
@@ -206,7 +211,9 @@ def evaluate_accuracy(model: nn.Module, data: TaskTensors, batch_size: int = 256
     try:
         with torch.no_grad():
             for images, labels in iter_batches(data, batch_size):
-                pred = model(images.to(device)).argmax(dim=1).cpu()
+                with autocast(device, precision):
+                    logits = model(images.to(device))
+                pred = logits.float().argmax(dim=1).cpu()
                 correct += int((pred == labels).sum())
     finally:
         model.train(was_training)
@@ -327,6 +334,7 @@ def finetune(
     device: str | torch.device = "cpu",
     eval_batch_size: int = 256,
     bn_images: int | None = 2000,
+    precision: str = "fp32",
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``train`` for epochs ``start_epoch .. epochs-1``; evaluate after each.
 
@@ -350,6 +358,10 @@ def finetune(
     "test_accuracy" (if ``test``), "lr", "steps", "seconds"}``; to resume after it, pass
     ``start_epoch=metrics["epochs_done"]``. If it returns ``True`` training stops there.
     The model is left in train mode on ``device``.
+
+    ``precision="bf16"`` runs the training and evaluation forwards under bfloat16 autocast; the
+    loss is taken on ``logits.float()``, backward and the optimizer step run outside autocast,
+    and the BatchNorm recalibration stays fp32. ``"fp32"`` is the plain fp32 path.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
@@ -357,6 +369,7 @@ def finetune(
         raise ValueError(f"start_epoch must be between 0 and epochs={epochs}, got {start_epoch}")
     if len(val) == 0:
         raise ValueError("the validation set is empty")
+    check_precision(precision)
     used_bs, per_epoch = steps_per_epoch(len(train), batch_size)
     total = epochs * per_epoch
     device = torch.device(device)
@@ -381,23 +394,25 @@ def finetune(
                 for group in optimizer.param_groups:
                     group["lr"] = current_lr
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(images.to(device)), labels.to(device))
+                with autocast(device, precision):
+                    logits = model(images.to(device))
+                loss = F.cross_entropy(logits.float(), labels.to(device))  # .float(): a no-op in fp32
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
                 result.lrs.append(current_lr)
         if bn_images != 0:
-            recalibrate_bn(model, train, used_bs, bn_images, seed=seed)
+            recalibrate_bn(model, train, used_bs, bn_images, seed=seed)  # fp32, outside autocast
         metrics = {
             "epochs_done": epoch + 1,
             "train_loss": float(np.mean(losses)),
-            "val_accuracy": evaluate_accuracy(model, val, eval_batch_size),
+            "val_accuracy": evaluate_accuracy(model, val, eval_batch_size, precision),
         }
         result.epochs.append(epoch)
         result.train_loss.append(metrics["train_loss"])
         result.val_accuracy.append(metrics["val_accuracy"])
         if test is not None:
-            metrics["test_accuracy"] = evaluate_accuracy(model, test, eval_batch_size)
+            metrics["test_accuracy"] = evaluate_accuracy(model, test, eval_batch_size, precision)
             result.test_accuracy.append(metrics["test_accuracy"])
         result.seconds = time.perf_counter() - start
         metrics.update(lr=result.lrs[-1], steps=(epoch + 1) * per_epoch, seconds=result.seconds)

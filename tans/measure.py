@@ -9,6 +9,8 @@ Definitions (the zoo row schema, tans.zoo.ZOO_SCHEMA):
 * ``f_emb`` is the mean penultimate feature (the classifier's input) over one fixed, seeded
   Gaussian probe batch, with the subnet's recalibrated BatchNorm statistics.
 * accuracy is top-1 on the test batches after BatchNorm recalibration on training batches.
+  With ``precision="bf16"`` only that accuracy forward runs under bfloat16 autocast; the
+  recalibration, the counts and ``f_emb`` stay fp32.
 
 Everything runs on the supernet in place (no per-subnet copy): only the counts build a static
 subnet, and those depend on the architecture alone, so they are cached across tasks.
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tans.elastic import autocast
 from tans.subnets import Arch, set_arch
 from tans.supernets import forward_features, unwrap
 
@@ -148,8 +151,12 @@ def recalibrate_bn(model: nn.Module, arch: Arch, batches: Iterable) -> None:
         raise ValueError("recalibrate_bn needs at least one batch")
 
 
-def evaluate(model: nn.Module, arch: Arch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy of ``arch`` over ``(images, labels)`` batches (eval mode, no grad)."""
+def evaluate(model: nn.Module, arch: Arch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             precision: str = "fp32") -> float:
+    """Top-1 accuracy of ``arch`` over ``(images, labels)`` batches (eval mode, no grad).
+
+    ``precision="bf16"``: the forward passes run under bfloat16 autocast (logits cast to fp32).
+    """
     net = unwrap(model)
     set_arch(net, arch)
     was_training = net.training
@@ -159,7 +166,9 @@ def evaluate(model: nn.Module, arch: Arch, batches: Iterable[tuple[torch.Tensor,
     try:
         with torch.no_grad():
             for images, labels in batches:
-                pred = net(images.to(device)).argmax(dim=1)
+                with autocast(device, precision):
+                    logits = net(images.to(device))
+                pred = logits.float().argmax(dim=1)
                 correct += int((pred == labels.to(pred.device)).sum())
                 total += int(labels.shape[0])
     finally:
@@ -176,17 +185,20 @@ def measure_subnet(
     test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     image_size: int,
     probe: torch.Tensor,
+    precision: str = "fp32",
 ) -> Measurement:
     """Recalibrate BatchNorm for ``arch``, then measure accuracy, size, FLOPs and ``f_emb``.
 
     The supernet's BatchNorm buffers are restored afterwards, so measuring many subnets (in any
     order) gives the same numbers as measuring each one alone; ``arch`` stays active.
+    ``precision="bf16"`` runs the accuracy forward alone under bfloat16 autocast: the BatchNorm
+    recalibration (outside autocast) and ``f_emb`` stay fp32.
     """
     net = unwrap(model)
     saved = {id(bn): [b.clone() for b in bn.buffers()] for bn in _bn_layers(net)}
     try:
-        recalibrate_bn(net, arch, bn_batches)
-        accuracy = evaluate(net, arch, test_batches)
+        recalibrate_bn(net, arch, bn_batches)  # fp32, never under autocast: the statistics stay exact
+        accuracy = evaluate(net, arch, test_batches, precision)
         f_emb = functional_embedding(net, arch, probe)
     finally:
         with torch.no_grad():
