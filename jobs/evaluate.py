@@ -187,7 +187,9 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
     # a zoo rebuilt with other settings measures its models differently: their zoo accuracies are in the key
     key = _fingerprint({"zoo": zoo.retriever.info["zoo"], "task": task, "seed": seed, "pool": ids,
                         "zoo_accuracy": [zoo.cols["accuracy"][r] for r in pool],
-                        "recipe": {k: getattr(recipe, k) for k in CACHE_KEYS},
+                        "recipe": {**{k: getattr(recipe, k) for k in CACHE_KEYS},
+                                   # bf16 fine-tunes are another ground truth; fp32 keeps old keys valid
+                                   **({"precision": recipe.precision} if recipe.precision != "fp32" else {})},
                         "references": {n: s.to_dict() for n, s in ref_specs.items()}})
     cache_dir = f"evaluations/_cache/{zoo.retriever.info['zoo']}"
     rel = f"{cache_dir}/{task}-s{seed}-{key}.json"

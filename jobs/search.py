@@ -56,8 +56,8 @@ from tans.storage import Storage
 
 # Test hook: a trial of this model id raises (a failing trial must not fail the search).
 FAIL_MODEL_ENV = "TANS_SEARCH_FAIL_MODEL"
-# Test hook: "<model_id>:<dir>" - that model's trial process dies (os._exit, as when its node is
-# lost) once, right after its first epoch's checkpoint; <dir>/epochs.txt records every epoch started.
+# Test hook: "<trial>:<dir>" - that trial's process dies (os._exit, as when its node is lost) once,
+# right after its first epoch's checkpoint; <dir>/epochs.txt records every epoch it started.
 DIE_ONCE_ENV = "TANS_SEARCH_DIE_ONCE"
 
 
@@ -90,8 +90,8 @@ def finetune_trial(config: dict, data=None) -> None:
         if state["epochs_done"] >= spec.epochs:
             return
 
-    die_model, _, die_dir = os.environ.get(DIE_ONCE_ENV, "").partition(":")
-    if die_model == spec.model_id:
+    die_trial, _, die_dir = os.environ.get(DIE_ONCE_ENV, "").partition(":")
+    if die_trial == spec.trial:
         with open(os.path.join(die_dir, "epochs.txt"), "a") as f:
             f.write(f"{state['epochs_done']}\n")
 
@@ -108,7 +108,7 @@ def finetune_trial(config: dict, data=None) -> None:
                          "train_loss": metrics["train_loss"], "lr": metrics["lr"], "epochs_done": metrics["epochs_done"],
                          "val_history": list(state["val"]), "test_history": list(state["test"])},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
-        if die_model == spec.model_id and not os.path.exists(os.path.join(die_dir, "died")):
+        if die_trial == spec.trial and not os.path.exists(os.path.join(die_dir, "died")):
             open(os.path.join(die_dir, "died"), "w").close()
             os._exit(1)  # the whole worker process, abruptly: Tune must restart it from the checkpoint
 
