@@ -79,6 +79,21 @@ class QueryActor:
                 "feature_dim": np.asarray(dims), "seconds": np.asarray(seconds)}
 
 
+def _readable_query(storage: Storage, extractor: str, task: str) -> bool:
+    """A finished query file; a damaged one (truncated, garbage) is extracted again, with a note."""
+    from tans.storage import CorruptArtifact
+
+    rel = query_path(extractor, task)
+    if not storage.is_file(rel):
+        return False
+    try:
+        storage.read_parquet(rel, columns=["label"])
+        return True
+    except CorruptArtifact as exc:
+        print(f"[queries] {exc.args[0].split(';')[0]}: extracting it again")
+        return False
+
+
 def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: QueriesConfig) -> list[dict]:
     """Extract the queries of ``tasks`` not done yet; returns one record per extracted task."""
     from tans.tasks import read_task_info
@@ -90,7 +105,7 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
              and storage.read_json(made_by).get("sha256", "") not in ("", spec.sha256))
     if stale:
         print(f"[queries] the extractor of {spec.name} changed since its queries were made: extracting them again")
-    todo = [t for t in tasks if q.force or stale or not storage.is_file(query_path(spec.name, t))]
+    todo = [t for t in tasks if q.force or stale or not _readable_query(storage, spec.name, t)]
     storage.write_json(f"queries/{spec.name}/extractor.json", spec.to_dict())
     if not todo:
         print(f"[queries] all {len(tasks)} tasks already have {spec.name} queries")

@@ -292,3 +292,18 @@ def test_predict_skips_an_image_over_the_pixel_bound_without_decoding_it(ledger)
             raise AssertionError("an image over the bound reached preprocessing")
 
     assert decode(_bomb_png(12000), NeverDecode()) is None
+
+
+def test_a_damaged_query_file_is_one_line_and_extracted_again(tmp_path, ledger):
+    from jobs.extract_queries import _readable_query
+    from tans.features import query_path, read_query, write_query
+
+    st = Storage(str(tmp_path))
+    write_query(st, "ex", "t", np.ones((4, 3), dtype=np.float32), np.arange(4))
+    assert _readable_query(st, "ex", "t") and read_query(st, "ex", "t")[0].shape == (4, 3)
+    path = tmp_path / query_path("ex", "t")
+    path.write_bytes(path.read_bytes()[:-30])
+    ledger.fault()
+    with pytest.raises(CorruptArtifact, match="queries.force=true"):
+        read_query(st, "ex", "t")
+    assert not _readable_query(st, "ex", "t")  # train-space extracts it again instead of failing
