@@ -1,12 +1,13 @@
 """HTTP load on the Serve app: latency and throughput at 1, 4 and 16 clients, batching on and off.
 
     python bench/serve_load.py [--seconds 4] [--max-requests 120] [--pairs 10] [--classes 5]
-                               [--per-class 10] [--space URI]
+                               [--per-class 10] [--space URI] [--formats json,multipart] [--small 2]
 
 Starts a local Ray and Serve on 127.0.0.1 (a free port), deploys serve/config.yaml with one replica
 per deployment (no autoscaling, so the rows compare like with like) over a tiny random space
 (serve/toy.py; or ``--space``), and sends one fixed query (``--classes`` x ``--per-class`` PNG
-images at the extractor's size, base64 JSON) from N client threads. Each cell runs for at most
+images at the extractor's size, as base64 JSON and as a multipart upload) from N client threads,
+plus many small requests (``--small`` images, 2 classes) where batching across requests can help. Each cell runs for at most
 ``--seconds`` and ``--max-requests``. Batching is switched by reconfiguring the Encoder's
 user_config in place (no restart). The ratio: ``--pairs`` single HTTP requests alternating with
 ``Retriever.retrieve_images`` on the same images in a Ray actor (one torch thread and the same
@@ -51,7 +52,19 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def load_cell(url: str, body: bytes, clients: int, seconds: float, max_requests: int) -> dict:
+def multipart_body(images: np.ndarray, labels: np.ndarray, k: int = 10) -> tuple[bytes, str]:
+    """One multipart/form-data body (``images`` files + ``labels`` and ``k`` fields), encoded once."""
+    from urllib3 import encode_multipart_formdata
+
+    from tans.tasks import encode_png
+
+    fields = [("images", (f"{i}.png", encode_png(im), "image/png")) for i, im in enumerate(images)]
+    fields += [("labels", ",".join(str(int(y)) for y in labels)), ("k", str(k))]
+    return encode_multipart_formdata(fields)
+
+
+def load_cell(url: str, body: bytes, clients: int, seconds: float, max_requests: int,
+              ctype: str = "application/json") -> dict:
     """``clients`` threads post ``body`` until ``seconds`` pass or ``max_requests`` are sent."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -67,7 +80,7 @@ def load_cell(url: str, body: bytes, clients: int, seconds: float, max_requests:
                         return
                     sent[0] += 1
                 t0 = time.perf_counter()
-                r = s.post(url, data=body, headers={"content-type": "application/json"}, timeout=120)
+                r = s.post(url, data=body, headers={"content-type": ctype}, timeout=120)
                 dt = time.perf_counter() - t0
                 with lock:
                     (latencies.append(dt) if r.status_code == 200 else errors.append(r.text[:200]))
@@ -106,7 +119,7 @@ class InProcess:
         return time.perf_counter() - t0
 
 
-def lockstep_ratio(url: str, body: bytes, in_process, pairs: int) -> tuple[float, float]:
+def lockstep_ratio(url: str, body: bytes, in_process, pairs: int, ctype: str = "application/json") -> tuple[float, float]:
     """Median (HTTP seconds, in-process seconds) over ``pairs`` alternating requests: both see the same load."""
     import ray
 
@@ -114,7 +127,7 @@ def lockstep_ratio(url: str, body: bytes, in_process, pairs: int) -> tuple[float
     with requests.Session() as s:
         for _ in range(pairs):
             t0 = time.perf_counter()
-            r = s.post(url, data=body, headers={"content-type": "application/json"}, timeout=120)
+            r = s.post(url, data=body, headers={"content-type": ctype}, timeout=120)
             http.append(time.perf_counter() - t0)
             r.raise_for_status()
             lib.append(ray.get(in_process.seconds.remote()))
@@ -129,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--space", default="", help="a trained space URI (default: a tiny random one)")
+    parser.add_argument("--formats", default="json,multipart", help="request encodings to measure")
+    parser.add_argument("--small", type=int, default=2, help="images per small request (0: skip that cell)")
     ns = parser.parse_args(argv)
+    formats = [f for f in ns.formats.split(",") if f]
+    if not set(formats) <= {"json", "multipart"} or not formats:
+        parser.error(f"--formats: json and/or multipart, got {ns.formats!r}")
 
     import ray
     from ray import serve
@@ -147,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         images, labels = toy_images(ns.classes, ns.per_class, size=IMAGE_SIZE, seed=1)
         body = json.dumps({"images": [base64.b64encode(encode_png(im)).decode() for im in images],
                            "labels": labels.tolist(), "k": 10}).encode()
+        bodies = {"json": (body, "application/json"), "multipart": multipart_body(images, labels)}
+        bodies = {f: bodies[f] for f in formats}
+        small = None
+        if ns.small:
+            n = max(2, ns.small)
+            small_labels = np.arange(n) % 2
+            small = (json.dumps({"images": [base64.b64encode(encode_png(im)).decode() for im in images[:n]],
+                                 "labels": small_labels.tolist(), "k": 10}).encode(), "application/json")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(workdir / "ray"))
         in_process = ray.remote(num_cpus=0)(InProcess).remote(space, images, labels)
         port = free_port()
@@ -157,11 +183,16 @@ def main(argv: list[str] | None = None) -> int:
                                 deployments={"Encoder": {**ONE_REPLICA, "user_config": {"batching": batching}},
                                              "Index": ONE_REPLICA, "Ingress": ONE_REPLICA})
             apply_config(config)  # first: deploy; then: the Encoder reconfigures in place
-            load_cell(url, body, 2, 2.0, 10)  # warm-up
-            ratios["on" if batching else "off"] = lockstep_ratio(url, body, in_process, ns.pairs)
-            for clients in CLIENTS:
-                rows.append({"batching": "on" if batching else "off",
-                             **load_cell(url, body, clients, ns.seconds, ns.max_requests)})
+            mode = "on" if batching else "off"
+            for fmt, (data, ctype) in bodies.items():
+                load_cell(url, data, 2, 2.0, 10, ctype)  # warm-up
+                ratios[(mode, fmt)] = lockstep_ratio(url, data, in_process, ns.pairs, ctype)
+                for clients in CLIENTS:
+                    rows.append({"batching": mode, "format": fmt,
+                                 **load_cell(url, data, clients, ns.seconds, ns.max_requests, ctype)})
+            if small is not None:
+                rows.append({"batching": mode, "format": f"small{ns.small}",
+                             **load_cell(url, small[0], 16, ns.seconds, ns.max_requests * 4, small[1])})
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -171,17 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nquery: {len(labels)} images ({ns.classes} classes x {ns.per_class}, {IMAGE_SIZE} px PNG, "
           f"{len(body) / 1024:.0f} KiB JSON), k=10; space {run} ({'given' if ns.space else '1,000 random models'}); "
           f"{os.cpu_count()} CPUs")
-    print(f"{'batching':>8} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>7} "
-          f"{'img/s':>7}")
+    print(f"{'batching':>8} {'format':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'req/s':>7}")
     for r in rows:
-        print(f"{r['batching']:>8} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['p50'] * 1e3:>8.1f} "
-              f"{r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f} {r['rps'] * len(labels):>7.0f}")
+        print(f"{r['batching']:>8} {r['format']:>9} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
+              f"{r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f}")
     for r in rows:
         if r["first_error"]:
-            print(f"first error ({r['batching']}, {r['clients']} clients): {r['first_error']}")
-    for mode, (t_http, t_lib) in ratios.items():
-        print(f"batching {mode}: HTTP p50 {t_http * 1e3:.1f} ms / in-process Retriever.retrieve_images p50 "
-              f"{t_lib * 1e3:.1f} ms = {t_http / t_lib:.2f} ({ns.pairs} alternating pairs, 1 client)")
+            print(f"first error ({r['batching']}, {r['format']}, {r['clients']} clients): {r['first_error']}")
+    for (mode, fmt), (t_http, t_lib) in ratios.items():
+        print(f"batching {mode}, {fmt}: HTTP p50 {t_http * 1e3:.1f} ms / in-process Retriever.retrieve_images p50 "
+              f"{t_lib * 1e3:.1f} ms = {t_http / t_lib:.2f}; target <= 1.2 x + 5 ms: "
+              f"{'met' if t_http <= 1.2 * t_lib + 0.005 else 'missed'} ({ns.pairs} alternating pairs, 1 client)")
+    by = {(r["batching"], r["format"], r["clients"]): r["rps"] for r in rows}
+    for fmt in [*formats, *([f"small{ns.small}"] if ns.small else [])]:
+        on, off = by.get(("on", fmt, 16)), by.get(("off", fmt, 16))
+        if on and off:
+            print(f"batching at 16 clients, {fmt}: {on:.1f} / {off:.1f} req/s = {on / off:.2f}x (target >= 1.3x)")
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 
