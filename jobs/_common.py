@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
 import sys
 from collections.abc import Callable
 
@@ -46,11 +49,50 @@ def run_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
         raise
 
 
-def split_overrides(args: list[str]) -> tuple[list[str], list[str]]:
-    """Separate ``key=value`` overrides from the other positional arguments."""
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    rest = [a for a in args if a not in overrides]
+# A config override: a dotted config key, then "=". `s3://b/year=2024/` or `/data/a=b` is not one.
+OVERRIDE_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+def _value_options(parser: argparse.ArgumentParser | None) -> set[str]:
+    """Every option string (of ``parser`` and its subcommands) that takes a value."""
+    found: set[str] = set()
+    todo = [parser] if parser is not None else []
+    while todo:
+        for action in todo.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+            elif action.option_strings and action.nargs != 0:
+                found.update(action.option_strings)
+    return found
+
+
+def split_overrides(args: list[str], parser: argparse.ArgumentParser | None = None) -> tuple[list[str], list[str]]:
+    """Separate ``key=value`` config overrides from the other arguments.
+
+    Only ``<config key>=<value>`` is an override, and never the value of an option that takes one
+    (``--dataset s3://b/year=2024/``, ``--name a=b``): ``parser`` says which options those are.
+    """
+    takes_value = _value_options(parser)
+    overrides, rest = [], []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in takes_value and i + 1 < len(args):
+            rest += [arg, args[i + 1]]
+            i += 2
+            continue
+        (overrides if OVERRIDE_RE.match(arg) else rest).append(arg)
+        i += 1
     return overrides, rest
+
+
+def as_override(key: str, value) -> str:
+    """A flag's value as a ``key=value`` override that keeps its type: strings stay strings.
+
+    Overrides are parsed as YAML, so ``--name on`` would become True and ``--root /a/#b`` lose
+    its ``#b``; a JSON string is a YAML string, whatever it holds.
+    """
+    return f"{key}={json.dumps(value) if isinstance(value, str) else value}"
 
 
 def drain_progress(progress, format_line) -> None:

@@ -24,7 +24,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from jobs._common import run_main, split_overrides
+from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.storage import Storage
@@ -38,9 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="zoo config YAML (default: configs/zoo/local.yaml)")
     parser.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
     parser.add_argument("--force", action="store_true", help="redo finished tasks (and the base supernet)")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
-    args.overrides = overrides + ([f"root={args.root}"] if args.root else []) + (["force=true"] if args.force else [])
+    args.overrides = overrides + ([as_override("root", args.root)] if args.root else []) + (["force=true"] if args.force else [])
     return args
 
 

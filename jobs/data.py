@@ -15,7 +15,7 @@ import json
 import sys
 import time
 
-from jobs._common import run_main, split_overrides
+from jobs._common import as_override, run_main, split_overrides
 from tans.builtin import catalog
 from tans.builtin.registry import all_sources
 from tans.config import to_dict
@@ -38,7 +38,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ing.add_argument("--force", action="store_true", help="replace a task that already exists")
     ing.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
     ing.add_argument("--config", help="ingest config YAML (default: configs/data/local.yaml)")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
     args.overrides = overrides
     return args
@@ -65,7 +65,7 @@ def ingest(args: argparse.Namespace) -> int:
     for flag, key in (("image_size", "image_size"), ("test_fraction", "test_fraction"), ("root", "root")):
         value = getattr(args, flag)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(as_override(key, value))
     if args.force:
         overrides.append("force=true")
     cfg: IngestConfig = load_job_config("data", args.config, overrides)

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from jobs._common import run_main, split_overrides
+from jobs._common import as_override, run_main, split_overrides
 from jobs.data import _materialise_all
 from tans.builtin import catalog
 from tans.config import to_dict
@@ -30,9 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tans demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="demo config YAML (default: configs/demo/local.yaml)")
     parser.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
-    args.overrides = overrides + ([f"root={args.root}"] if args.root else [])
+    args.overrides = overrides + ([as_override("root", args.root)] if args.root else [])
     return args
 
 
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
         from jobs import build_zoo
 
         # the zoo must use the demo's splits, so a demo with other splits never mixes zoos
-        code = build_zoo.main(["--config", cfg.zoo, f"root={storage.uri}", f"splits={cfg.splits}"])
+        code = build_zoo.main(["--config", cfg.zoo, as_override("root", storage.uri), as_override("splits", cfg.splits)])
         if code:
             return code
     space_name = ""
@@ -74,7 +74,8 @@ def main(argv: list[str]) -> int:
         from jobs import train_space
 
         zoo_name = load_job_config("zoo", cfg.zoo).name
-        space_cfg = load_job_config("space", cfg.space, [f"root={storage.uri}", f"splits={cfg.splits}", f"zoo={zoo_name}"])
+        space_cfg = load_job_config("space", cfg.space, [as_override("root", storage.uri), as_override("splits", cfg.splits),
+                                                         as_override("zoo", zoo_name)])
         train_space.train_space(space_cfg, storage)
         space_name = space_cfg.name
     if not (cfg.zoo and cfg.space and cfg.search):
@@ -105,7 +106,8 @@ def run_search_stage(storage: Storage, cfg: DemoConfig, space: str) -> list[dict
     rows = []
     for i, task in enumerate(splits.meta_test):
         print(f"[demo] search {i + 1}/{len(splits.meta_test)}: {task}", flush=True)
-        overrides = [f"root={storage.uri}", f"space={storage.uri_of('spaces/' + space)}", f"dataset={task}",
+        overrides = [as_override("root", storage.uri), as_override("space", storage.uri_of("spaces/" + space)),
+                     as_override("dataset", task),
                      "oracle=true", f"name=demo-{task}"]
         if cfg.max_params:
             overrides.append(f"max_params={cfg.max_params}")

@@ -25,6 +25,7 @@ Interrupted runs resume: finished records are kept, an interrupted Tune run is r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from jobs._common import run_main, split_overrides
+from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
 from tans.evaluation import (
     FEATURE_METHODS,
@@ -461,13 +462,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1")
     p.add_argument("--name", help="the run's name under evaluations/")
     p.add_argument("--force", action="store_true", help="redo finished targets")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, p)
     args = p.parse_args(rest)
     flags = {"root": args.root, "space": args.space, "max_params": args.max_params, "max_flops": args.max_flops,
              "name": args.name}
-    args.overrides = overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    args.overrides = overrides + [as_override(k, v) for k, v in flags.items() if v is not None]
     if args.dataset:
-        args.overrides.append("datasets=[" + ",".join(f"'{d}'" for d in args.dataset) + "]")
+        args.overrides.append("datasets=" + json.dumps(list(args.dataset)))  # JSON is YAML: any path stays a string
     if args.seeds:
         args.overrides.append(f"seeds=[{args.seeds}]")
     args.overrides += ["force=true"] if args.force else []

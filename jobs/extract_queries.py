@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from jobs._common import run_main, split_overrides
+from jobs._common import as_override, run_main, split_overrides
 from tans.features import ExtractorSpec, query_path
 from tans.job_configs import QueriesConfig, SpaceConfig, load_job_config, load_splits
 from tans.storage import Storage
@@ -157,9 +157,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="space config YAML (default: configs/space/local.yaml)")
     parser.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
     parser.add_argument("--tasks", help="comma-separated tasks (default: meta_train + meta_val in the zoo)")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
-    overrides += [f"root={args.root}"] if args.root else []
+    overrides += [as_override("root", args.root)] if args.root else []
     cfg: SpaceConfig = load_job_config("space", args.config, overrides)
     storage = Storage(cfg.root or None)
     spec = extractor_spec(cfg, storage)

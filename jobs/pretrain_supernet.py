@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from jobs._common import drain_progress, run_main, split_overrides
+from jobs._common import as_override, drain_progress, run_main, split_overrides
 from tans.config import ConfigError, to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.reader import TaskTensors, decode_images
@@ -451,9 +451,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="zoo config YAML (default: configs/zoo/local.yaml)")
     parser.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
     parser.add_argument("--force", action="store_true", help="retrain even if a finished base exists")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
-    overrides += ([f"root={args.root}"] if args.root else []) + (["force=true"] if args.force else [])
+    overrides += ([as_override("root", args.root)] if args.root else []) + (["force=true"] if args.force else [])
     cfg: ZooConfig = load_job_config("zoo", args.config, overrides)
     storage = Storage(cfg.root or None)
     tasks = list(cfg.pretrain_tasks) or list(load_splits(cfg.splits).meta_train)

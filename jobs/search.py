@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from jobs._common import run_main, split_overrides
+from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import SearchConfig, load_job_config
 from tans.search_core import (
@@ -537,12 +537,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--oracle", action="store_true", help="also fine-tune every top-k candidate")
     p.add_argument("--name", help="the run's name under searches/")
     p.add_argument("--force", action="store_true", help="redo a finished search")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, p)
     args = p.parse_args(rest)
     flags = {"dataset": args.dataset, "root": args.root, "space": args.space, "max_params": args.max_params,
              "max_flops": args.max_flops, "top_k": args.top_k, "finetune": args.finetune, "epochs": args.epochs,
              "seeds": args.seeds, "name": args.name}
-    args.overrides = overrides + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    args.overrides = overrides + [as_override(k, v) for k, v in flags.items() if v is not None]
     args.overrides += (["oracle=true"] if args.oracle else []) + (["force=true"] if args.force else [])
     return args
 

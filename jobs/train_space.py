@@ -27,7 +27,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from jobs._common import drain_progress, run_main, split_overrides
+from jobs._common import as_override, drain_progress, run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import SpaceConfig, load_job_config, load_splits
 from tans.storage import Storage
@@ -385,9 +385,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="space config YAML (default: configs/space/local.yaml)")
     parser.add_argument("--root", help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
     parser.add_argument("--force", action="store_true", help="retrain even if the run is finished")
-    overrides, rest = split_overrides(argv)
+    overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
-    overrides += ([f"root={args.root}"] if args.root else []) + (["force=true"] if args.force else [])
+    overrides += ([as_override("root", args.root)] if args.root else []) + (["force=true"] if args.force else [])
     cfg: SpaceConfig = load_job_config("space", args.config, overrides)
     train_space(cfg, Storage(cfg.root or None))
     return 0

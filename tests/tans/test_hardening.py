@@ -307,3 +307,24 @@ def test_a_damaged_query_file_is_one_line_and_extracted_again(tmp_path, ledger):
     with pytest.raises(CorruptArtifact, match="queries.force=true"):
         read_query(st, "ex", "t")
     assert not _readable_query(st, "ex", "t")  # train-space extracts it again instead of failing
+
+
+def test_only_config_keys_are_overrides_and_flag_values_stay_strings(ledger):
+    from jobs import evaluate, search
+    from jobs._common import as_override, split_overrides
+
+    ledger.bad_input(4)
+    args = search.parse_args(["--dataset", "s3://b/year=2024/", "epochs=3", "--name", "on", "--force",
+                              "finetune.x=1", "top_k=2"])
+    # `finetune.x=1` is shaped like an override: it stays one, and the config load names the bad key
+    assert [o for o in args.overrides if o.startswith(("epochs", "top_k", "finetune."))] == \
+        ["epochs=3", "finetune.x=1", "top_k=2"]
+    args.overrides.remove("finetune.x=1")
+    cfg = load_job_config("search", "configs/search/local.yaml", args.overrides)
+    assert cfg.dataset == "s3://b/year=2024/" and cfg.name == "on" and cfg.epochs == 3 and cfg.force
+    assert split_overrides(["/data/a=b", "x.y=1", "--flag"]) == (["x.y=1"], ["/data/a=b", "--flag"])
+    assert as_override("root", "/data/#1") == 'root="/data/#1"' and as_override("epochs", 3) == "epochs=3"
+
+    ev = evaluate.parse_args(["--dataset", "/data/it's", "--dataset", "s3://b/k=v", "--name", "null"])
+    cfg = load_job_config("evaluate", "configs/evaluate/local.yaml", ev.overrides)
+    assert cfg.datasets == ["/data/it's", "s3://b/k=v"] and cfg.name == "null"
