@@ -119,6 +119,8 @@ class _LocalBackend:
             current = self.read()
             if current is not None and current[1] == etag:
                 os.remove(self.path)
+                with contextlib.suppress(OSError):  # a run that wrote nothing leaves no folder behind
+                    os.rmdir(os.path.dirname(self.path))
 
 
 class _S3Backend:
