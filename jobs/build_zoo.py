@@ -21,13 +21,12 @@ import argparse
 from dataclasses import replace
 import sys
 import time
-import uuid
 from datetime import datetime, timezone
 
 from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
-from tans.storage import Storage
+from tans.storage import Storage, new_generation
 from tans.tasks import TaskError, task_exists
 from tans.zoo import (ZooError, ZooManifest, base_folder, finished_tasks, format_stats, part_path, read_manifest,
                       read_zoo, readable_part, write_manifest, zoo_stats)
@@ -101,7 +100,7 @@ def main(argv: list[str]) -> int:
         # supernet, per-task supernets and parts (tans.zoo.part_path) - swapped in by the manifest
         # written last. Until then the old zoo, and the spaces built on it, stay whole.
         live = read_manifest(storage, cfg.name).parts if storage.is_file(f"zoo/{cfg.name}/zoo.json") else None
-        generation = f"g-{uuid.uuid4().hex[:8]}" if cfg.force and live is not None else (live or "")
+        generation = new_generation() if cfg.force and live is not None else (live or "")
         storage.write_json(f"supernets/{cfg.name}/config.json",
                            {k: v for k, v in to_dict(cfg).items() if k != "force"})
 

@@ -38,7 +38,7 @@ from jobs._common import as_override, drain_progress, run_main, split_overrides
 from tans.config import ConfigError, to_dict
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.reader import TaskTensors, decode_images
-from tans.storage import Storage
+from tans.storage import Storage, new_generation
 from tans.tasks import read_split, read_task_info
 from tans.zoo import ZooError
 
@@ -369,15 +369,13 @@ def _attempt_dir(storage: Storage, base: str, fingerprint: dict, finished: bool)
     and only the new ``done.json`` (written last, atomically) makes it the base. An unfinished
     attempt with the same settings resumes in its folder; one with other settings starts over.
     """
-    import uuid
-
     run_rel = f"{base}/run.json"
     previous = storage.read_json(run_rel) if storage.is_file(run_rel) else None
     same = previous is not None and {k: v for k, v in previous.items() if k != "attempt"} == fingerprint
     out = previous.get("attempt", base) if same else base
     live = posixpath.dirname(storage.read_json(f"{base}/done.json").get("model", f"{base}/model.pt")) if finished else None
     if out == live:
-        out = f"{base}/g-{uuid.uuid4().hex[:8]}"  # never train into the folder a finished done.json names
+        out = f"{base}/{new_generation()}"  # never train into the folder a finished done.json names
     if not same:
         if previous is not None:
             print("[pretrain] an unfinished run with other settings exists: starting over")

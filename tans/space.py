@@ -33,7 +33,7 @@ import torch
 from tans.encoders import SpaceError
 from tans.features import ExtractorSpec
 from tans.names import NAME_RULE, is_bare_name, is_valid_name
-from tans.storage import CorruptArtifact, Storage, StorageError
+from tans.storage import CorruptArtifact, Storage, StorageError, new_generation  # noqa: F401 (re-export)
 
 LATEST = "spaces/LATEST"
 INDEX_DROP = ("f_emb",)
@@ -60,13 +60,6 @@ def index_table(zoo_table: pa.Table, embeddings: torch.Tensor) -> pa.Table:
 def files_dir(run: str, files: str = "") -> str:
     """Where a run's files live: ``spaces/<run>`` or its generation ``spaces/<run>/<files>``."""
     return f"{space_dir(run)}/{files}" if files else space_dir(run)
-
-
-def new_generation() -> str:
-    """A fresh generation folder name for a forced rebuild (``g-`` + 8 hex digits)."""
-    import uuid
-
-    return f"{GENERATION_PREFIX}{uuid.uuid4().hex[:8]}"
 
 
 def save_model_state(storage: Storage, run: str, state_dict: dict, files: str = "") -> None:

@@ -66,6 +66,12 @@ def rebuild_hint(rel: str) -> str:
     return REBUILD_COMMANDS.get(stage, "the command that wrote it")
 
 
+def new_generation() -> str:
+    """A fresh generation folder name (``g-`` + 8 hex digits): where a ``--force`` rebuild writes
+    beside the finished artifact until its marker file swaps it in."""
+    return f"g-{uuid.uuid4().hex[:8]}"
+
+
 def default_root() -> str:
     """``$TANS_ROOT`` if set, else ``~/.cache/tans`` (expanded)."""
     return os.environ.get("TANS_ROOT") or os.path.expanduser(DEFAULT_ROOT)
