@@ -169,11 +169,41 @@ class S3Server:
             try:
                 client.list_buckets()
                 self.client = client
-                return self
+                break
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.5)
+        else:
+            self.stop()
+            raise RuntimeError(f"weed mini did not answer within {timeout:.0f} s")
+        # Answering ListBuckets is not being able to store data: until the master has grown its
+        # first volumes, uploads fail with INTERNAL_FAILURE (seen once in CI). Ready means a
+        # multipart upload (what pyarrow's writer does) round-trips.
+        while time.monotonic() < deadline:
+            try:
+                self._probe_write()
+                return self
+            except Exception:  # noqa: BLE001 - volumes not allocated yet
+                time.sleep(0.5)
         self.stop()
-        raise RuntimeError("weed mini did not answer within 60 s")
+        raise RuntimeError(f"weed mini could not store an object within {timeout:.0f} s")
+
+    def _probe_write(self) -> None:
+        bucket, key, body = "tans-ready-probe", "probe.bin", b"ready" * 1000
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.create_bucket(Bucket=bucket)
+        except ClientError as exc:  # a retried probe finds its bucket made
+            if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+        upload = self.client.create_multipart_upload(Bucket=bucket, Key=key)
+        part = self.client.upload_part(Bucket=bucket, Key=key, PartNumber=1, UploadId=upload["UploadId"], Body=body)
+        self.client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload["UploadId"],
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+        )
+        if self.client.get_object(Bucket=bucket, Key=key)["Body"].read() != body:
+            raise RuntimeError("probe object read back wrong")
 
     def make_bucket(self, name: str) -> str:
         self.client.create_bucket(Bucket=name)
