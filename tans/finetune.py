@@ -33,6 +33,7 @@ from torch import nn
 from tans.elastic import autocast, check_precision, cosine_lr, make_optimizer
 from tans.measure import flops_of
 from tans.reader import TaskTensors, iter_batches
+from tans.small_maps import fast_layout
 from tans.subnets import Arch, set_arch
 from tans.supernets import (
     SupernetError,
@@ -114,7 +115,7 @@ def _extract(supernet: nn.Module, arch: Arch, num_classes: int, seed: int, prese
     sub = unwrap(supernet).get_active_subnet(preserve_weight=preserve_weight)
     torch.manual_seed(seed)  # the head depends on the seed only, not on what built the body
     new_head(sub, num_classes)
-    return sub
+    return fast_layout(sub)  # the exported layers are plain NCHW convolutions again
 
 
 def build_candidate(

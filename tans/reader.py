@@ -9,10 +9,11 @@ workers lives in :mod:`tans.runtime`, outside the Ray-free core.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
@@ -63,11 +64,29 @@ def decode_images(pngs: list[bytes], image_size: int, channels: int = 3) -> torc
 
 def load_task_tensors(storage: Storage, task: str, split: str, image_size: int, channels: int = 3) -> TaskTensors:
     """Decode one split of ``task`` at ``image_size`` px with ``channels`` channels."""
+    return load_task_rows(storage, task, split, image_size, None, channels)
+
+
+def load_task_rows(storage: Storage, task: str, split: str, image_size: int,
+                   pick: Callable[[int], torch.Tensor] | None, channels: int = 3) -> TaskTensors:
+    """Like :func:`load_task_tensors`, decoding only the rows ``pick(n_rows)`` names, in that order.
+
+    Decoding dominates loading, so a caller that needs 128 of 3,400 images pays for 128; the
+    images are exactly those :func:`load_task_tensors` would give at the same rows.
+    """
     info = read_task_info(storage, task)
     table = read_split(storage, task, split)
+    if pick is not None:
+        table = table.take(pa.array(pick(table.num_rows).numpy()))
     images = decode_images(table.column("image").to_pylist(), image_size, channels)
     labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.int64)
     return TaskTensors(images=images, labels=labels, num_classes=info.num_classes)
+
+
+def shuffled_order(n: int, seed: int, epoch: int = 0) -> torch.Tensor:
+    """The permutation of ``n`` rows that :func:`iter_batches` uses for ``(seed, epoch)``."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -93,8 +112,7 @@ def iter_batches(
     """
     n = len(data)
     if shuffle:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n, generator=gen)
+        order = shuffled_order(n, seed, epoch)
     else:
         order = torch.arange(n)
     shard = order[rank::world_size]

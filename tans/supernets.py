@@ -23,6 +23,7 @@ import torch
 from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3
 from ofa.utils.layers import LinearLayer
 
+from tans.small_maps import fast_layout
 from tans.storage import resolve_filesystem
 
 N_STAGES = 5  # elastic stages of OFA-MobileNetV3 (the first block is fixed)
@@ -69,7 +70,7 @@ class SupernetFamily:
             depth_list=list(self.d_choices),
         )
         model.set_max_net()
-        return model
+        return fast_layout(model)
 
 
 _FAMILIES: dict[str, SupernetFamily] = {}

@@ -1,0 +1,124 @@
+"""Depthwise kernels cropped to their maps, the matmul route and channels-last: same numbers as OFA's layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicSeparableConv2d
+from torch import nn
+
+from tans.finetune import build_candidate, model_size
+from tans.measure import count_flops, flops_of
+from tans.small_maps import (
+    CroppedDepthwiseConv2d,
+    CroppedSeparableConv2d,
+    crop_depthwise_kernels,
+    depthwise_as_matmul,
+    plain_copy,
+)
+from tans.subnets import largest, sample_archs, set_arch, smallest
+from tans.supernets import get_family
+
+
+def _plain_and_fast(family_name: str, monkeypatch, num_classes: int = 5):
+    family = get_family(family_name)
+    monkeypatch.setenv("TANS_FAST_LAYOUT", "0")
+    torch.manual_seed(0)
+    plain = family.build(num_classes)
+    monkeypatch.delenv("TANS_FAST_LAYOUT")
+    fast = family.build(num_classes)
+    fast.load_state_dict(plain.state_dict())
+    return family, plain, fast
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("h", "w", "k"), [(3, 3, 7), (2, 2, 5), (2, 3, 7), (1, 1, 3), (4, 4, 3), (6, 5, 7)])
+def test_matmul_route_is_the_convolution(h, w, k):
+    gen = torch.Generator().manual_seed(h * 100 + w * 10 + k)
+    x = torch.randn(4, 6, h, w, generator=gen, requires_grad=True)
+    weight = torch.randn(6, 1, k, k, generator=gen, requires_grad=True)
+    want = F.conv2d(x, weight, None, 1, k // 2, 1, 6)
+    got = depthwise_as_matmul(x, weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g_want = torch.autograd.grad(want.square().sum(), (x, weight))
+    g_got = torch.autograd.grad(got.square().sum(), (x, weight))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("family_name", "size"), [("ofa_mbv3_w1.0", 48), ("ofa_mbv3_tiny", 32), ("ofa_mbv3_tiny", 40)])
+def test_supernet_outputs_and_gradients_are_unchanged(family_name, size, monkeypatch):
+    family, plain, fast = _plain_and_fast(family_name, monkeypatch)
+    assert any(type(m) is CroppedSeparableConv2d for m in fast.modules())
+    assert not any(type(m) is CroppedSeparableConv2d for m in plain.modules())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.ndim == 4)
+    # In float64 the only difference left, summation order, is ~1e-15: any real change shows.
+    plain, fast = plain.double(), fast.double()
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(2))
+    for arch in [largest(family), smallest(family), *sample_archs(family, 2, 3)]:
+        for net in (plain, fast):
+            set_arch(net, arch)
+            net.zero_grad()
+            net.train()
+        out_plain, out_fast = plain(x), fast(x)
+        torch.testing.assert_close(out_fast, out_plain, rtol=1e-9, atol=1e-9)
+        F.cross_entropy(out_plain, y).backward()
+        F.cross_entropy(out_fast, y).backward()
+        for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+            if p.grad is None:
+                assert q.grad is None or not q.grad.any(), name
+                continue
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
+        with torch.no_grad():
+            plain.eval(), fast.eval()
+            torch.testing.assert_close(fast(x), plain(x), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.timeout(120)
+def test_extracted_subnet_is_cropped_and_counts_like_the_zoo(tmp_path, monkeypatch):
+    family, plain, _ = _plain_and_fast("ofa_mbv3_tiny", monkeypatch)
+    weights = tmp_path / "supernet.pt"
+    torch.save(plain.state_dict(), weights)
+    arch = largest(family)
+    fast_sub = build_candidate("ofa_mbv3_tiny", arch, 4, str(weights), seed=0)
+    monkeypatch.setenv("TANS_FAST_LAYOUT", "0")
+    plain_sub = build_candidate("ofa_mbv3_tiny", arch, 4, str(weights), seed=0)
+    assert any(type(m) is CroppedDepthwiseConv2d for m in fast_sub.modules())
+    assert not any(type(m) is CroppedDepthwiseConv2d for m in plain_sub.modules())
+    # State dicts are interchangeable: same keys, same values.
+    sd_fast, sd_plain = fast_sub.state_dict(), plain_sub.state_dict()
+    assert sd_fast.keys() == sd_plain.keys()
+    assert all(torch.equal(sd_fast[k], sd_plain[k]) for k in sd_plain)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fast_sub.eval()(x), plain_sub.eval()(x), rtol=1e-4, atol=1e-4)
+    # FLOPs count every kernel weight, as the zoo's rows do, cropped or not.
+    assert model_size(fast_sub, 32) == model_size(plain_sub, 32)
+    assert model_size(fast_sub, 32)[1] == count_flops(plain, arch, 32)
+
+
+@pytest.mark.timeout(30)
+def test_only_stride_one_same_padded_depthwise_layers_switch():
+    model = nn.Sequential(  # on a 3x3 input
+        nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=False),  # switches (cropped to 5x5)
+        nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False),  # strided: stays (-> 2x2)
+        nn.Conv2d(8, 16, 3, padding=1),  # not depthwise: stays
+        nn.Conv2d(16, 16, 3, padding=2, groups=16),  # not "same": stays (-> 4x4)
+        DynamicSeparableConv2d(16, [3, 5, 7], stride=1),  # switches
+    )
+    before = flops_of(model, torch.zeros(1, 8, 3, 3))
+    reference = copy.deepcopy(model)
+    crop_depthwise_kernels(model)
+    kinds = [type(m) for m in model]
+    assert kinds == [CroppedDepthwiseConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d, CroppedSeparableConv2d]
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    assert flops_of(model, torch.zeros(1, 8, 3, 3)) == before
+    assert [type(m) for m in plain_copy(model)] == [type(m) for m in reference]
