@@ -10,12 +10,10 @@ On a cluster use ``serve deploy serve/config.yaml`` (or the RayService) instead.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,26 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _ensure_serve_importable() -> None:
-    """Make the repository's ``serve/`` package importable here and in the local Ray's workers.
-
-    pyproject.toml packages ``tans`` and ``jobs`` only, so the ``tans`` console script (whose
-    sys.path holds .venv/bin, not the repository) cannot import ``serve``. Until ``serve`` is
-    packaged too, put the repository root on sys.path and on PYTHONPATH, which the Ray started
-    below passes to every worker (replicas unpickle their classes from ``serve.*``).
-    """
-    if importlib.util.find_spec("serve") is not None:
-        return
-    repo = str(Path(__file__).resolve().parents[1])
-    if not (Path(repo) / "serve" / "app.py").is_file():
-        raise FileNotFoundError(f"the serve/ package is not installed and not beside {Path(__file__).parent}")
-    sys.path.insert(0, repo)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
-    _ensure_serve_importable()
     from serve.args import DEFAULT_TOKEN_ENV, AppArgs, check_exposure
     from serve.spaces import resolve_space_uri
     from tans.storage import Storage
