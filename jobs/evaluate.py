@@ -54,11 +54,13 @@ from tans.search_core import SearchError, TrialSpec, load_search_data, prepare_d
 from tans.storage import Storage
 from tans.tasks import read_task_info
 
-# the recipe's settings that the cache key of the ground truth includes (conservatively: a few,
-# such as top_k, only change the TANS picks, but a changed recipe never reuses another's numbers)
+# the recipe's settings that the cache key of the ground truth includes: every one that changes a
+# cached number (the pool's fine-tunes, the references, the frozen-feature scores). top_k,
+# finetune and rerank only change which of those numbers the TANS picks read, so evaluations
+# that differ in them alone share one ground truth.
 CACHE_KEYS = ("epochs", "lrs", "batch_size", "weight_decay", "val_fraction", "max_train_images", "max_test_images",
-              "query_per_class", "logme_images", "top_k", "finetune")
-RECIPE_KEYS = CACHE_KEYS + ("rerank",)  # recorded in evaluation.json
+              "query_per_class", "logme_images")
+RECIPE_KEYS = CACHE_KEYS + ("top_k", "finetune", "rerank")  # recorded in evaluation.json
 
 
 # -- frozen-feature scores of the pool (Ray tasks) -------------------------------------------------

@@ -82,7 +82,7 @@ def test_resumed_run_keeps_finished_records_and_writes_every_output(resumed):
 
 
 @pytest.mark.timeout(600)
-def test_metrics_recompute_from_the_raw_numbers(resumed):
+def test_metrics_recompute_from_the_raw_numbers(resumed, tmp_path):
     root, _, _ = resumed
     ev = json.loads((root / "evaluations" / "main" / "evaluation.json").read_text())
     per_method = {m: {"tau": [], "regret": []} for m in METHODS}
@@ -111,11 +111,17 @@ def test_metrics_recompute_from_the_raw_numbers(resumed):
     # a rerun reuses every record; another run over the same targets reuses the cached ground truth
     again = _evaluate(root, "--name", "main")
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 2
-    other = _evaluate(root, "--name", "main-again")
+    # ... even when it fine-tunes fewer of TANS's retrieved models: that only changes its pick
+    recipe = tmp_path / "search-finetune-1.yaml"
+    recipe.write_text((REPO / "configs/search/tiny.yaml").read_text().replace("finetune: 2", "finetune: 1"))
+    other = _evaluate(root, "--name", "main-again", f"search={recipe}")
     assert other.returncode == 0, other.stderr[-3000:]
     assert other.stdout.count("measured earlier") == 2
     ev2 = json.loads((root / "evaluations" / "main-again" / "evaluation.json").read_text())
     assert [t["ground_truth"] for t in ev2["targets"]] == [t["ground_truth"] for t in ev["targets"]]
+    for t1, t2 in zip(ev["targets"], ev2["targets"]):
+        fine1, fine2 = t1["methods"]["tans_search"]["finetuned"], t2["methods"]["tans_search"]["finetuned"]
+        assert len(fine1) == 2 and fine2 == fine1[:1] and t2["methods"]["tans_search"]["pick"] == fine2[0]
     # the same name with other settings is refused in one line
     clash = _evaluate(root, "--name", "main", "pool_cap=4")
     assert clash.returncode == 1 and "other settings" in clash.stderr
