@@ -15,7 +15,10 @@ from tans.config import ConfigError, load_config
 from tans.names import check_name, is_bare_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+# The top-level configs/ of the checkout is the source of truth; a built wheel carries a copy as
+# tans/configs/ (setup.py), found when the package runs outside the checkout.
+PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = PACKAGED_CONFIG_DIR if PACKAGED_CONFIG_DIR.is_dir() else REPO_ROOT / "configs"
 
 
 @dataclass
@@ -377,20 +380,32 @@ JOB_CONFIGS: dict[str, type] = {
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config path as given, or relative to the repository when not found from here."""
+    """A config path as given; else ``configs/...`` (as configs name each other) from the project's configs."""
     p = Path(path)
     if p.exists() or p.is_absolute():
         return p
-    alt = REPO_ROOT / p
+    parts = p.parts
+    alt = CONFIG_DIR.joinpath(*parts[1:]) if parts and parts[0] == "configs" else CONFIG_DIR / p
     return alt if alt.exists() else p
 
 
+def profiles(job: str) -> list[str]:
+    """The profile names of ``job`` (``configs/<job>/<profile>.yaml``), e.g. tiny, local, full."""
+    return sorted(f.stem for f in (CONFIG_DIR / job).glob("*.yaml"))
+
+
 def load_job_config(job: str, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()):
-    """Load the config of ``job`` from ``path`` (None: ``configs/<job>/local.yaml``)."""
+    """Load the config of ``job`` from ``path``: a YAML file, or a profile name such as ``tiny``
+    (``configs/<job>/tiny.yaml``, wherever the package is installed). None: the ``local`` profile."""
     if job not in JOB_CONFIGS:
         raise ConfigError(f"unknown job {job!r}")
     if path is None:
-        path = CONFIG_DIR / job / "local.yaml"
+        path = "local"
+    if is_bare_name(str(path)) and not str(path).endswith((".yaml", ".yml")) and not Path(path).exists():
+        profile = CONFIG_DIR / job / f"{path}.yaml"
+        if not profile.is_file():
+            raise ConfigError(f"{path}: no such config file or {job} profile (profiles: {', '.join(profiles(job))})")
+        path = profile
     return load_config(JOB_CONFIGS[job], resolve_config_path(path), overrides)
 
 

@@ -315,10 +315,10 @@ def test_only_config_keys_are_overrides_and_flag_values_stay_strings(ledger):
 
     ledger.bad_input(4)
     args = search.parse_args(["--dataset", "s3://b/year=2024/", "epochs=3", "--name", "on", "--force",
-                              "finetune.x=1", "top_k=2"])
+                              "finetune.x=1", "top_k=6"])
     # `finetune.x=1` is shaped like an override: it stays one, and the config load names the bad key
     assert [o for o in args.overrides if o.startswith(("epochs", "top_k", "finetune."))] == \
-        ["epochs=3", "finetune.x=1", "top_k=2"]
+        ["epochs=3", "finetune.x=1", "top_k=6"]
     args.overrides.remove("finetune.x=1")
     cfg = load_job_config("search", "configs/search/local.yaml", args.overrides)
     assert cfg.dataset == "s3://b/year=2024/" and cfg.name == "on" and cfg.epochs == 3 and cfg.force
