@@ -152,6 +152,11 @@ class S3Server:
             f"-debug.port={ports['debug']}", f"-s3.config={config}",
             # no phoning home, and no Lance endpoint on its default (shared) port
             "-master.telemetry=false", "-s3.port.lance=0", "-metricsIp=127.0.0.1", "-s3.metricsIp=127.0.0.1",
+            # Every bucket is a collection with volumes of its own. With 1 GiB volumes and the
+            # slot count derived from free disk (~11 on a 90 %-full disk), a session's ~20th
+            # bucket found "no free volumes left" and every upload to it failed (INTERNAL_FAILURE).
+            # Test objects are small: many small, sparse volumes.
+            "-master.volumeSizeLimitMB=64", "-volume.max=500",
         ]
         log = open(self.workdir / "weed.log", "wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
