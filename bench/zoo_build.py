@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from jobs._zoo_workers import _items_per_task, finetune_task, measure_items
+from jobs._zoo_workers import _items_per_task, finetune_task, measure_chunks, measure_items
 from tans import reader
 from tans.job_configs import load_job_config
 from tans.storage import Storage
@@ -102,10 +102,9 @@ def build_task(storage: Storage, cfg, base_rel: str, task: str, archs: list, gen
     t0 = time.perf_counter()
     supernet = finetune_task(storage.uri, cfg, base_rel, task, generation)
     t1 = time.perf_counter()
-    chunk = max(1, -(-cfg.measure.subnets_per_task // items))
     rows = []
-    for i in range(0, len(archs), chunk):
-        rows += measure_items(storage.uri, cfg, task, supernet, archs[i : i + chunk])["rows"]
+    for chunk in measure_chunks(cfg, archs, items):
+        rows += measure_items(storage.uri, cfg, task, supernet, chunk)["rows"]
     t2 = time.perf_counter()
     return {"finetune": t1 - t0, "measure": t2 - t1, "accuracy": [r["accuracy"] for r in rows]}
 

@@ -175,7 +175,6 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     from tans.supernets import get_family
 
     family = get_family(cfg.family)
-    chunk = max(1, -(-cfg.measure.subnets_per_task // max(1, _items_per_task(cfg))))
     ft = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.finetune.gpus_per_task, max_retries=2)(finetune_task)
     ms = ray.remote(num_cpus=cfg.measure.cpus_per_item, num_gpus=cfg.measure.gpus_per_item, max_retries=2)(measure_items)
     pending: dict = {}
@@ -183,7 +182,7 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     for task in tasks:
         supernet = ft.remote(storage.uri, cfg, base_rel, task, generation)
         archs = task_archs(family, cfg.measure.subnets_per_task, cfg.measure.seed, task, cfg.measure.per_task_archs)
-        items = [archs[i : i + chunk] for i in range(0, len(archs), chunk)]
+        items = measure_chunks(cfg, archs, _items_per_task(cfg))
         left[task] = len(items)
         for part in items:
             pending[ms.remote(storage.uri, cfg, task, supernet, part)] = task
@@ -209,6 +208,12 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
                   flush=True)
     bar.close()
     return records
+
+
+def measure_chunks(cfg: ZooConfig, archs: list, items_per_task: int) -> list[list]:
+    """``archs`` cut into the measurement work items of a task (``items_per_task`` for a whole task)."""
+    chunk = max(1, -(-cfg.measure.subnets_per_task // max(1, items_per_task)))
+    return [archs[i : i + chunk] for i in range(0, len(archs), chunk)]
 
 
 def left_tasks(left: dict[str, int]) -> list[str]:

@@ -38,8 +38,8 @@ def installed(tmp_path_factory):
     env_dir = tmp / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     python = env_dir / "bin" / "python"
-    purelib = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                           text=True).strip())
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = Path(subprocess.check_output([str(python), "-c", where], text=True).strip())
     (purelib / "_test_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
