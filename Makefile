@@ -3,8 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tans-installed
-DEB_LIST := tans/builtin/debian_packages.txt
-PY_EXTRA := tans/builtin/python_requirements.txt
+DEB_LIST := tans/data/builtin/debian_packages.txt
+PY_EXTRA := tans/data/builtin/python_requirements.txt
 PYTEST := env RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
 
 .PHONY: setup deb-packages demo test test-fast clean

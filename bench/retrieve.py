@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tans.retrieval import constraint_mask, topk_cosine  # noqa: E402
+from tans.space.retrieval import constraint_mask, topk_cosine  # noqa: E402
 
 
 def _timed(fn) -> float:

@@ -56,7 +56,7 @@ def multipart_body(images: np.ndarray, labels: np.ndarray, k: int = 10) -> tuple
     """One multipart/form-data body (``images`` files + ``labels`` and ``k`` fields), encoded once."""
     from urllib3 import encode_multipart_formdata
 
-    from tans.tasks import encode_png
+    from tans.data.tasks import encode_png
 
     fields = [("images", (f"{i}.png", encode_png(im), "image/png")) for i, im in enumerate(images)]
     fields += [("labels", ",".join(str(int(y)) for y in labels)), ("k", str(k))]
@@ -105,7 +105,7 @@ class InProcess:
     """
 
     def __init__(self, space_uri: str, images: np.ndarray, labels: np.ndarray):
-        from tans.retrieval import Retriever
+        from tans.space.retrieval import Retriever
 
         torch.set_num_threads(1)
         self.retriever = Retriever.load(space_uri)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.deploy import app_config, apply_config
     from serve.toy import IMAGE_SIZE, make_toy_space, toy_images
-    from tans.tasks import encode_png
+    from tans.data.tasks import encode_png
 
     t_start = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="tans-serve-bench-"))

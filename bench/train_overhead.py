@@ -41,7 +41,7 @@ class Stepper:
     """One model, one synthetic batch, one optimizer: ``step()`` trains once and returns seconds."""
 
     def __init__(self, config: dict, model: torch.nn.Module | None = None):
-        from tans.supernets import get_family
+        from tans.zoo.supernets import get_family
 
         torch.set_num_threads(config["threads"])
         torch.manual_seed(0)
@@ -69,7 +69,7 @@ def ray_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from tans.supernets import get_family
+    from tans.zoo.supernets import get_family
 
     torch.manual_seed(0)
     stepper = Stepper(config, ray.train.torch.prepare_model(get_family(config["family"]).build(config["classes"])))

@@ -4,7 +4,7 @@
                                   [--asha-trials 8] [--asha-epochs 4] [--seeds 5] [--ray-niceness]
 
 Part 1 (parallel efficiency). ``--trials`` equal trials (same config: fine-tune ``ofa_mbv3_tiny``'s
-largest subnet at 32 px on a synthetic task with :func:`tans.finetune.finetune`, reporting every
+largest subnet at 32 px on a synthetic task with :func:`tans.selection.finetune.finetune`, reporting every
 epoch with ``ray.tune.report``) run through a ``Tuner`` with ``tune.with_resources(.., {"cpu": 1})``,
 so ``k = min(trials, floor(cluster CPUs / CPUs per trial))`` run at once; every trial sets
 ``torch.set_num_threads(1)``. The ratio is
@@ -66,7 +66,7 @@ def synthetic_task(n: int, seed: int):
     strong per-pixel noise, so a few epochs reach ~0.3-0.7 and learning rates are told apart."""
     import torch
 
-    from tans.reader import TaskTensors
+    from tans.data.reader import TaskTensors
 
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randperm(n, generator=gen) % CLASSES
@@ -85,9 +85,9 @@ def run_trial(config: dict, report, entered: float | None = None) -> tuple[float
     entered = time.time() if entered is None else entered
     import torch
 
-    from tans.finetune import build_candidate, finetune
-    from tans.subnets import largest
-    from tans.supernets import get_family
+    from tans.selection.finetune import build_candidate, finetune
+    from tans.zoo.subnets import largest
+    from tans.zoo.supernets import get_family
 
     t0, cpu0, started = time.perf_counter(), time.process_time(), time.time()
     torch.set_num_threads(1)

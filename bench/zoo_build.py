@@ -17,7 +17,7 @@ Recipes:
   as the work items did then (``decode_whole_splits``), run with seeds 0 and 1: the accuracy
   difference between those two seeds is the seed noise the candidate is judged against.
 * ``candidate``: the fine-tune and measurement settings of ``--config`` with today's layers
-  (``tans.small_maps.fast_layout``) and row-selective decoding, seed 0.
+  (``tans.zoo.small_maps.fast_layout``) and row-selective decoding, seed 0.
 
 The recipes run task by task, alternating, so background load on a shared machine hits them
 alike. Printed: seconds per (task x subnet) split into data loading, fine-tuning and measuring,
@@ -42,12 +42,12 @@ from pathlib import Path
 import torch
 
 from jobs._zoo_workers import _items_per_task, finetune_task, measure_chunks, measure_items
-from tans import reader
+from tans.data import reader
 from tans.job_configs import load_job_config
 from tans.storage import Storage
-from tans.subnets import task_archs
-from tans.supernets import get_family
-from tans.zoo import base_model_rel
+from tans.zoo.store import base_model_rel
+from tans.zoo.subnets import task_archs
+from tans.zoo.supernets import get_family
 
 # configs/zoo/local.yaml's finetune and measure sections at commit d7d3097 ("today's" recipe).
 BASELINE = {

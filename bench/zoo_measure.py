@@ -3,7 +3,7 @@
     python bench/zoo_measure.py [--family ofa_mbv3_w1.0] [--image-size 48] [--archs 4]
                                 [--bn-batches 4] [--bn-batch-size 64] [--test-images 1000] [--threads 1]
 
-Measuring a subnet (``tans.measure.measure_subnet``) = BatchNorm recalibration over the BN
+Measuring a subnet (``tans.zoo.measure.measure_subnet``) = BatchNorm recalibration over the BN
 batches + evaluation over the test images + the probe batch for the functional embedding, plus
 the parameter/FLOP counts. Its floor is the forward passes themselves: the same batches through
 the same subnet under ``no_grad``. This prints both times per architecture and the ratio of the
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from tans.measure import measure_subnet, probe_batch
-from tans.subnets import sample_archs, set_arch
-from tans.supernets import forward_features, get_family
+from tans.zoo.measure import measure_subnet, probe_batch
+from tans.zoo.subnets import sample_archs, set_arch
+from tans.zoo.supernets import forward_features, get_family
 
 
 def bare_forwards(model, arch, bn_batches, test_batches, probe) -> None:

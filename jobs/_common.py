@@ -9,10 +9,10 @@ import sys
 from collections.abc import Callable
 
 from tans.config import ConfigError
-from tans.ingest import IngestError
+from tans.data.ingest import IngestError
+from tans.data.tasks import TaskError
 from tans.storage import StorageError
-from tans.tasks import TaskError
-from tans.zoo import ZooError
+from tans.zoo.store import ZooError
 
 # Mistakes a user can make end in one line on stderr and a non-zero exit, never a traceback.
 USER_ERRORS = (IngestError, TaskError, StorageError, ZooError, FileNotFoundError)
@@ -22,9 +22,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     # Modules that pull in torch define user errors too (unknown family, unreadable checkpoint);
     # count them only once loaded, so light commands never import torch just to catch them.
     extra = []
-    for module, name in (("tans.supernets", "SupernetError"), ("tans.encoders", "SpaceError"),
-                         ("tans.features", "ExtractorError"), ("tans.search_core", "SearchError"),
-                         ("tans.export", "ModelLoadError")):
+    for module, name in (("tans.zoo.supernets", "SupernetError"), ("tans.space.encoders", "SpaceError"),
+                         ("tans.space.features", "ExtractorError"), ("tans.selection.search", "SearchError"),
+                         ("tans.selection.export", "ModelLoadError")):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):
             extra.append(getattr(mod, name))

@@ -19,7 +19,7 @@ import torch
 
 from tans.job_configs import ZooConfig
 from tans.storage import Storage
-from tans.zoo import ZooRow, write_part
+from tans.zoo.store import ZooRow, write_part
 
 
 def task_supernet_rel(zoo: str, task: str, generation: str = "") -> str:
@@ -55,7 +55,7 @@ def subset_rows(n_rows: int, n: int, seed: int) -> torch.Tensor:
 
 def bn_rows(n_rows: int, batches: int, batch_size: int, seed: int) -> torch.Tensor:
     """The rows of the first ``batches`` full batches of ``iter_batches(shuffle=True, seed)``."""
-    from tans.reader import shuffled_order
+    from tans.data.reader import shuffled_order
 
     full = (n_rows // batch_size) * batch_size  # drop_last: a partial batch is never used
     return shuffled_order(n_rows, seed)[: min(full, batches * batch_size)]
@@ -68,9 +68,9 @@ def _device(gpus: float) -> torch.device:
 
 def finetune_task(storage_uri: str, cfg: ZooConfig, base_rel: str, task: str, generation: str = "") -> str:
     """Fine-tune the base supernet on ``task`` (new head); save it; return its relative path."""
-    from tans.elastic import finetune_for_task
-    from tans.reader import load_task_rows
-    from tans.supernets import get_family
+    from tans.data.reader import load_task_rows
+    from tans.zoo.elastic import finetune_for_task
+    from tans.zoo.supernets import get_family
 
     storage = Storage(storage_uri)
     rel = task_supernet_rel(cfg.name, task, generation)
@@ -117,10 +117,10 @@ def _write_curve(storage: Storage, rel_dir: str, tag: str, values: list[float]) 
 
 def measure_items(storage_uri: str, cfg: ZooConfig, task: str, supernet_rel: str, archs: list) -> dict:
     """Measure ``archs`` on ``task``'s supernet; returns rows (as dicts), node id and timing."""
-    from tans.measure import measure_subnet, probe_batch
-    from tans.reader import iter_batches, load_task_rows
-    from tans.subnets import model_id
-    from tans.supernets import get_family
+    from tans.data.reader import iter_batches, load_task_rows
+    from tans.zoo.measure import measure_subnet, probe_batch
+    from tans.zoo.subnets import model_id
+    from tans.zoo.supernets import get_family
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, int(cfg.measure.cpus_per_item)))
@@ -171,8 +171,8 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     """
     from tqdm import tqdm
 
-    from tans.subnets import task_archs
-    from tans.supernets import get_family
+    from tans.zoo.subnets import task_archs
+    from tans.zoo.supernets import get_family
 
     family = get_family(cfg.family)
     ft = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.finetune.gpus_per_task, max_retries=2)(finetune_task)

@@ -25,10 +25,10 @@ from datetime import datetime, timezone
 
 from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
+from tans.data.tasks import TaskError, task_exists
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.storage import Storage, new_generation
-from tans.tasks import TaskError, task_exists
-from tans.zoo import (ZooError, ZooManifest, base_folder, finished_tasks, format_stats, part_path, read_manifest,
+from tans.zoo.store import (ZooError, ZooManifest, base_folder, finished_tasks, format_stats, part_path, read_manifest,
                       read_zoo, readable_part, write_manifest, zoo_stats)
 
 
@@ -84,7 +84,7 @@ def check_existing_zoo(storage: Storage, cfg: ZooConfig, splits_hash: str) -> No
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     cfg: ZooConfig = load_job_config("zoo", args.config, args.overrides)
-    from tans.supernets import get_family
+    from tans.zoo.supernets import get_family
 
     family = get_family(cfg.family)  # an unknown family fails here, before any work
     storage = Storage(cfg.root or None)
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
         print(f"[zoo] {cfg.name}: family {family.name}, {cfg.image_size}px, {len(tasks)} tasks, "
               f"{cfg.measure.subnets_per_task} subnets per task -> {storage.uri_of('zoo/' + cfg.name)}")
         # A finished zoo is never rebuilt in place: --force builds a new generation beside it - base
-        # supernet, per-task supernets and parts (tans.zoo.part_path) - swapped in by the manifest
+        # supernet, per-task supernets and parts (tans.zoo.store.part_path) - swapped in by the manifest
         # written last. Until then the old zoo, and the spaces built on it, stay whole.
         live = read_manifest(storage, cfg.name).parts if storage.is_file(f"zoo/{cfg.name}/zoo.json") else None
         generation = new_generation() if cfg.force and live is not None else (live or "")

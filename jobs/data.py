@@ -16,13 +16,13 @@ import sys
 import time
 
 from jobs._common import as_override, run_main, split_overrides
-from tans.builtin import catalog
-from tans.builtin.registry import all_sources
 from tans.config import to_dict
-from tans.ingest import IngestError, IngestReport, decode_in_process, ingest_imagefolder
+from tans.data.builtin import catalog
+from tans.data.builtin.registry import all_sources
+from tans.data.ingest import IngestError, IngestReport, decode_in_process, ingest_imagefolder
+from tans.data.tasks import task_exists
 from tans.job_configs import IngestConfig, load_job_config
 from tans.storage import Storage
-from tans.tasks import task_exists
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -17,12 +17,12 @@ import time
 
 from jobs._common import as_override, run_main, split_overrides
 from jobs.data import _materialise_all
-from tans.builtin import catalog
 from tans.config import to_dict
-from tans.ingest import IngestError
+from tans.data.builtin import catalog
+from tans.data.ingest import IngestError
+from tans.data.tasks import read_task_info, task_exists
 from tans.job_configs import DemoConfig, load_job_config, load_splits
 from tans.storage import Storage
-from tans.tasks import read_task_info, task_exists
 
 
 

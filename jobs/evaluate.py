@@ -36,7 +36,9 @@ import numpy as np
 
 from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
-from tans.evaluation import (
+from tans.data.tasks import read_task_info
+from tans.job_configs import EvaluateConfig, SearchConfig, load_job_config, load_splits
+from tans.selection.evaluation import (
     FEATURE_METHODS,
     METHODS,
     evaluation_markdown,
@@ -49,10 +51,8 @@ from tans.evaluation import (
     size_scores,
     tans_search_pick,
 )
-from tans.job_configs import EvaluateConfig, SearchConfig, load_job_config, load_splits
-from tans.search_core import SearchError, TrialSpec, load_search_data, prepare_dataset
+from tans.selection.search import SearchError, TrialSpec, load_search_data, prepare_dataset
 from tans.storage import Storage
-from tans.tasks import read_task_info
 
 # the recipe's settings that the cache key of the ground truth includes: every one that changes a
 # cached number (the pool's fine-tunes, the references, the frozen-feature scores). top_k,
@@ -71,10 +71,10 @@ def _feature_scores_chunk(rows: list[dict], images, labels, threads: int, method
     import torch
     from threadpoolctl import threadpool_limits
 
-    from tans.finetune import build_candidate, extract_features
-    from tans.reader import TaskTensors
-    from tans.subnets import Arch
-    from tans.transferability import SCORERS
+    from tans.data.reader import TaskTensors
+    from tans.selection.finetune import build_candidate, extract_features
+    from tans.selection.transferability import SCORERS
+    from tans.zoo.subnets import Arch
 
     torch.set_num_threads(max(1, threads))
     # numpy's BLAS would otherwise start one thread per core in every worker: on a small machine
@@ -101,7 +101,7 @@ def feature_scores(rows: list[dict], data, n_images: int, seed: int, cpus: float
     """Every feature-based score of every row, on a seeded stratified sample of the train images."""
     import ray
 
-    from tans.finetune import split_train_val, subset
+    from tans.selection.finetune import split_train_val, subset
 
     train = data.train
     if n_images and len(train) > n_images:
@@ -149,7 +149,7 @@ class _Zoo:
 
 def allowed_rows(cfg: EvaluateConfig, storage: Storage, zoo: _Zoo, zoo_sources: dict, task: str):
     """(rows a pool may draw from, zoo tasks left out) for ``task``; SearchError if fewer than 2."""
-    from tans.retrieval import constraint_mask
+    from tans.space.retrieval import constraint_mask
 
     r = zoo.retriever
     excluded = excluded_tasks(task, read_task_info(storage, task).source or "", zoo_sources)
@@ -246,8 +246,8 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     """One record: pool, every method's scores and pick, the ground truth, the references."""
     import torch
 
-    from tans.features import query_from_tensors
-    from tans.selection_metrics import ranked_ids
+    from tans.selection.metrics import ranked_ids
+    from tans.space.features import query_from_tensors
 
     retriever = zoo.retriever
     image_size = int(retriever.info["image_size"])
@@ -319,7 +319,7 @@ def load_recipe(cfg: EvaluateConfig) -> SearchConfig:
 
 
 def _task_means(space_root: Storage, info: dict) -> dict:
-    from tans.features import read_query
+    from tans.space.features import read_query
 
     means = {}
     for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
@@ -339,9 +339,9 @@ def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
 
 
 def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
-    from tans.features import build_extractor
-    from tans.retrieval import Retriever
-    from tans.selection_metrics import summarise_methods
+    from tans.selection.metrics import summarise_methods
+    from tans.space.features import build_extractor
+    from tans.space.retrieval import Retriever
 
     t_start = time.perf_counter()
     recipe = load_recipe(cfg)
@@ -396,7 +396,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     runtime.init_ray()
     extractor = build_extractor(retriever.extractor_spec)
     task_means = _task_means(space_root, info)
-    from tans.zoo import base_model_rel
+    from tans.zoo.store import base_model_rel
 
     base_uri = space_root.uri_of(base_model_rel(space_root, info["zoo"]))
     records = []
@@ -437,7 +437,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
 
 
 def _print_record(record: dict, i: int, n: int) -> None:
-    from tans.selection_metrics import per_record_metrics
+    from tans.selection.metrics import per_record_metrics
 
     truth = {m: v["test_accuracy"] for m, v in record["ground_truth"].items()}
     per = per_record_metrics({"task": record["task"], "seed": record["seed"], "truth": truth,

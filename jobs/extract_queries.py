@@ -25,10 +25,10 @@ import zlib
 import numpy as np
 
 from jobs._common import as_override, run_main, split_overrides
-from tans.features import ExtractorSpec, query_path
 from tans.job_configs import QueriesConfig, SpaceConfig, load_job_config, load_splits
+from tans.space.features import ExtractorSpec, query_path
 from tans.storage import Storage
-from tans.zoo import ZooError, base_model_rel, read_manifest
+from tans.zoo.store import ZooError, base_model_rel, read_manifest
 
 
 def task_seed(seed: int, task: str) -> list[int]:
@@ -53,7 +53,7 @@ class QueryActor:
     def __init__(self, spec: dict, root: str, per_class: int, seed: int, gpus: float, threads: int):
         import torch
 
-        from tans.features import build_extractor
+        from tans.space.features import build_extractor
 
         torch.set_num_threads(max(1, threads))  # one busy thread per granted CPU (see tests/tans/conftest.py)
         device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
@@ -62,7 +62,7 @@ class QueryActor:
         self.per_class, self.seed = per_class, seed
 
     def __call__(self, batch: dict) -> dict:
-        from tans.features import task_query, write_query
+        from tans.space.features import task_query, write_query
 
         tasks, images, dims, seconds = [], [], [], []
         for task in batch["task"]:
@@ -96,7 +96,7 @@ def _readable_query(storage: Storage, extractor: str, task: str) -> bool:
 
 def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: QueriesConfig) -> list[dict]:
     """Extract the queries of ``tasks`` not done yet; returns one record per extracted task."""
-    from tans.tasks import read_task_info
+    from tans.data.tasks import read_task_info
 
     for t in tasks:
         read_task_info(storage, t)  # TaskError (one line) before any actor starts
@@ -110,7 +110,7 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
     if not todo:
         print(f"[queries] all {len(tasks)} tasks already have {spec.name} queries")
         return []
-    from tans.features import build_extractor
+    from tans.space.features import build_extractor
 
     build_extractor(spec)  # an unreadable checkpoint is one line here, not an actor crash
     from tans import runtime

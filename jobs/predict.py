@@ -3,7 +3,7 @@
     python -m jobs.predict --model URI --dataset SRC [--split test|train] [--out URI] [--root ROOT]
                            [--batch-size N] [--concurrency N] [--cpus-per-actor N]
 
-``--model`` is a directory written by :func:`tans.export.export_model` (local, ``s3://``, or a
+``--model`` is a directory written by :func:`tans.selection.export.export_model` (local, ``s3://``, or a
 path under the storage root such as ``searches/<run>/model``). ``--dataset`` is a directory of
 image files (local or ``s3://``, read recursively; an ImageFolder works as is, a single image
 file too), or a task of the storage root: ``task:<name>`` or a bare task name, ``--split``
@@ -11,10 +11,10 @@ file too), or a task of the storage root: ``task:<name>`` or a bare task name, `
 
 Output: one Parquet file, default ``<root>/predictions/<model>-<dataset>.parquet``, with one row
 per readable image: ``path`` (the file's path or URI, or ``<task>/<split>/<row>`` with ``row``
-the row's index in the split as :func:`tans.tasks.read_split` orders it), ``label`` (int),
+the row's index in the split as :func:`tans.data.tasks.read_split` orders it), ``label`` (int),
 ``class`` (its name), ``confidence`` (the softmax maximum) and, for a task, ``true_label``.
 Files that do not decode as images, or whose header declares more pixels than the bound
-(50 M, ``$TANS_MAX_IMAGE_PIXELS``; tans.image_limits), are skipped, counted and named on stdout,
+(50 M, ``$TANS_MAX_IMAGE_PIXELS``; tans.data.image_limits), are skipped, counted and named on stdout,
 never fatal. For a task the accuracy is printed and stored, with the counts, in the file's metadata (key
 ``tans.predict``).
 
@@ -48,9 +48,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from jobs._common import run_main
-from tans.ingest import IngestError, open_source
+from tans.data.ingest import IngestError, open_source
+from tans.data.tasks import SPLITS, TASK_NAME_RE, TaskError, read_task_info, task_dir, task_exists
 from tans.storage import Storage, StorageError
-from tans.tasks import SPLITS, TASK_NAME_RE, TaskError, read_task_info, task_dir, task_exists
 
 TASK_PREFIX = "task:"
 METADATA_KEY = b"tans.predict"
@@ -97,7 +97,7 @@ class PredictReport:
 
 
 def model_location(uri: str, root: str | None) -> str:
-    """``uri`` as :func:`tans.export.load_model` should read it, absolute so actors find it too.
+    """``uri`` as :func:`tans.selection.export.load_model` should read it, absolute so actors find it too.
 
     A URI, an absolute path, ``~``/``.``-prefixed paths and existing local directories are
     taken as they are; anything else is relative to the storage root (``--root``, else the default).
@@ -206,7 +206,7 @@ def read_task_chunk(batch: dict, storage: Storage, prefix: str) -> dict:
 def decode(data, loaded):
     """One image's network input (``1 x C x S x S``) as the export's preprocessing makes it, or
     ``None`` if ``data`` is not a readable image or declares more pixels than the bound."""
-    from tans.image_limits import open_bounded
+    from tans.data.image_limits import open_bounded
 
     try:
         with warnings.catch_warnings():
@@ -224,7 +224,7 @@ class Predictor:
     def __init__(self, model_uri: str, threads: int):
         import torch
 
-        from tans.export import load_model
+        from tans.selection.export import load_model
 
         torch.set_num_threads(max(1, threads))  # one busy thread per granted CPU
         self.loaded = load_model(model_uri)
@@ -354,7 +354,7 @@ def predict(model: str, dataset: str, out: str | None = None, root: str | None =
     Everything a user can get wrong (the model, the dataset, the output place) is checked before
     Ray starts; nothing is written unless every image went through.
     """
-    from tans.export import load_model
+    from tans.selection.export import load_model
 
     storage = Storage(root or None)
     model_uri = model_location(model, root)
@@ -404,7 +404,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cpus-per-actor", type=_positive(float), default=1.0,
                         help="CPUs per actor, also its torch threads [1]")
     args = parser.parse_args(argv)
-    from tans.export import ModelLoadError
+    from tans.selection.export import ModelLoadError
 
     try:
         report = predict(args.model, args.dataset, args.out, args.root, args.split, args.batch_size,

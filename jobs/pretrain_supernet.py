@@ -36,11 +36,11 @@ import torch
 
 from jobs._common import as_override, drain_progress, run_main, split_overrides
 from tans.config import ConfigError, to_dict
+from tans.data.reader import TaskTensors, decode_images
+from tans.data.tasks import read_split, read_task_info
 from tans.job_configs import ZooConfig, load_job_config, load_splits
-from tans.reader import TaskTensors, decode_images
 from tans.storage import Storage, new_generation
-from tans.tasks import read_split, read_task_info
-from tans.zoo import ZooError
+from tans.zoo.store import ZooError
 
 RUN_NAME = "pretrain"  # fixed, so a re-run finds (and resumes) the same Ray Train run
 # Test hooks (read by the driver, handed to the workers): rank 0 appends every epoch it starts
@@ -116,8 +116,8 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from tans.elastic import make_optimizer, train_supernet
-    from tans.supernets import get_family, unwrap
+    from tans.zoo.elastic import make_optimizer, train_supernet
+    from tans.zoo.supernets import get_family, unwrap
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -272,7 +272,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str 
     User mistakes (a task missing from the root, a task outside meta_train, an unknown family,
     an unreadable init checkpoint) raise one-line errors before any worker starts.
     """
-    from tans.supernets import get_family
+    from tans.zoo.supernets import get_family
 
     base = base or base_dir(cfg.name)  # build-zoo --force passes its generation's own base folder
     model_rel, done_rel = f"{base}/model.pt", f"{base}/done.json"
@@ -407,7 +407,7 @@ def _initial_state(family, num_classes: int, init: str) -> dict | None:
     """The state dict to start from (``pretrain.init``), loaded here so a bad one fails early."""
     if not init:
         return None
-    from tans.supernets import load_initial_weights
+    from tans.zoo.supernets import load_initial_weights
 
     model = family.build(num_classes)
     load_initial_weights(model, init)  # SupernetError / StorageError on an unreadable checkpoint

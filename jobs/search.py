@@ -37,7 +37,7 @@ import numpy as np
 from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
 from tans.job_configs import SearchConfig, load_job_config
-from tans.search_core import (
+from tans.selection.search import (
     SearchError,
     TrialResult,
     TrialSpec,
@@ -69,8 +69,8 @@ def finetune_trial(config: dict, data=None) -> None:
     import torch
     from ray import tune
 
-    from tans.finetune import build_candidate, finetune
-    from tans.subnets import Arch
+    from tans.selection.finetune import build_candidate, finetune
+    from tans.zoo.subnets import Arch
 
     spec = TrialSpec(**config["spec"])
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -181,10 +181,10 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
 def _logme_chunk(rows: list[dict], images, labels, threads: int) -> list[float]:
     import torch
 
-    from tans.finetune import build_candidate, extract_features
-    from tans.logme import logme_score
-    from tans.reader import TaskTensors
-    from tans.subnets import Arch
+    from tans.data.reader import TaskTensors
+    from tans.selection.finetune import build_candidate, extract_features
+    from tans.selection.logme import logme_score
+    from tans.zoo.subnets import Arch
 
     from threadpoolctl import threadpool_limits
 
@@ -204,7 +204,7 @@ def logme_scores(rows: list[dict], data, n_images: int, seed: int, cpus: float) 
     """LogME of every row's features on (a seeded, stratified sample of) the target's train images."""
     import ray
 
-    from tans.finetune import split_train_val, subset
+    from tans.selection.finetune import split_train_val, subset
 
     train = data.train
     if n_images and len(train) > n_images:
@@ -292,8 +292,8 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
 
     from tans.lease import Lease
 
-    from tans.features import build_extractor, query_from_tensors, read_query
-    from tans.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask
+    from tans.space.features import build_extractor, query_from_tensors, read_query
+    from tans.space.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask
 
     t_start = time.perf_counter()
     retriever = Retriever.load(cfg.space or storage.uri)  # SpaceNotFound: one line
@@ -375,7 +375,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                                                  weights=None) for s in seeds]
         extra["scratch_matched"] = {"epochs": matched}
     if "generic" in cfg.baselines:
-        from tans.zoo import base_model_rel
+        from tans.zoo.store import base_model_rel
 
         base = space_root.uri_of(base_model_rel(space_root, zoo))
         base_specs["generic"] = [spec_of(w_row, "generic", f"generic-s{s}", s, w_lr, cfg.epochs, weights=base) for s in seeds]
@@ -499,9 +499,9 @@ def _export_winner(storage: Storage, run_dir: str, trial: TrialResult, data, ima
 
     import torch
 
-    from tans.export import export_model
-    from tans.finetune import build_structure, model_size
-    from tans.subnets import Arch
+    from tans.selection.export import export_model
+    from tans.selection.finetune import build_structure, model_size
+    from tans.zoo.subnets import Arch
 
     spec = trial.spec
     arch = Arch.from_dict(spec.arch)

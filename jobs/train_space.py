@@ -40,9 +40,9 @@ KS = (1, 5, 10)
 
 
 def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: list[str]):
-    from tans.features import read_query
-    from tans.space_training import ZooArrays
-    from tans.zoo import read_zoo
+    from tans.space.features import read_query
+    from tans.space.training import ZooArrays
+    from tans.zoo.store import read_zoo
 
     storage = Storage(root)
     zoo_all = ZooArrays.from_table(read_zoo(storage, zoo))
@@ -54,7 +54,7 @@ def _train_subset(zoo_all, tasks: list[str]):
     """The zoo rows of ``tasks`` only: what the training loop may see."""
     import torch
 
-    from tans.space_training import ZooArrays
+    from tans.space.training import ZooArrays
 
     rows = zoo_all.rows_of(tasks)
     r = torch.from_numpy(rows)
@@ -70,8 +70,8 @@ def train_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from tans.space import build_space_model
-    from tans.space_training import evaluate_space, selection_score, train_step
+    from tans.space.store import build_space_model
+    from tans.space.training import evaluate_space, selection_score, train_step
 
     torch.set_num_threads(max(1, config["threads"]))
     ctx = ray.train.get_context()
@@ -230,10 +230,10 @@ def _files_for_run(cfg: SpaceConfig, storage: Storage, finished: bool) -> tuple[
     """(generation, folder) this attempt writes to; records its fingerprint in ``run.json``.
 
     A finished run is never touched: ``--force`` builds a new generation ``g-<id>/`` beside it
-    (tans.space, "build beside, then swap"); an unfinished attempt with the same settings (and
+    (tans.space.store, "build beside, then swap"); an unfinished attempt with the same settings (and
     generation) resumes from its Ray Train checkpoints; one with other settings starts over.
     """
-    from tans.space import files_dir, new_generation, space_dir
+    from tans.space.store import files_dir, new_generation, space_dir
 
     run_dir = space_dir(cfg.name)
     fingerprint = {k: v for k, v in to_dict(cfg).items() if k not in ("force", "max_failures", "root")}
@@ -255,14 +255,14 @@ def _files_for_run(cfg: SpaceConfig, storage: Storage, finished: bool) -> tuple[
 
 def train_space(cfg: SpaceConfig, storage: Storage) -> str:
     """Train (or reuse) the space ``cfg.name``; returns its URI."""
-    from tans.space import files_dir, read_space_info, space_dir
+    from tans.space.store import files_dir, read_space_info, space_dir
 
     run_dir = space_dir(cfg.name)
     finished = storage.is_file(f"{run_dir}/space.json")
     if finished and not cfg.force:
         info = read_space_info(storage, cfg.name)
         if info.get("zoo") != cfg.zoo:
-            from tans.zoo import ZooError
+            from tans.zoo.store import ZooError
 
             raise ZooError(f"space {cfg.name!r} was trained on zoo {info.get('zoo')!r}, not {cfg.zoo!r}: "
                            "pick another name or use --force")
@@ -285,10 +285,10 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
     import torch
 
     from jobs.extract_queries import extract_queries, extractor_spec, space_tasks
-    from tans.space import finish_space, index_table, save_model_state, space_dir
-    from tans.space_training import SpaceModel, ZooArrays, evaluate_space, index_embeddings
-    from tans.supernets import get_family
-    from tans.zoo import read_manifest, read_zoo
+    from tans.space.store import finish_space, index_table, save_model_state, space_dir
+    from tans.space.training import SpaceModel, ZooArrays, evaluate_space, index_embeddings
+    from tans.zoo.store import read_manifest, read_zoo
+    from tans.zoo.supernets import get_family
 
     run_dir = space_dir(cfg.name)
     t_start = time.perf_counter()
@@ -296,11 +296,11 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
     family = get_family(manifest.family)
     train, val = space_tasks(cfg, storage)
     spec = extractor_spec(cfg, storage)
-    from tans.features import checkpoint_sha256
+    from tans.space.features import checkpoint_sha256
 
     spec.sha256 = checkpoint_sha256(spec.uri) if spec.uri else ""  # lineage: consumers check it
     extract_queries(storage, spec, train + val, cfg.queries)
-    from tans.features import read_query
+    from tans.space.features import read_query
 
     feature_dim = int(read_query(storage, spec.name, train[0])[0].shape[1])
     splits = load_splits(cfg.splits)

@@ -13,7 +13,7 @@ import sys
 
 from jobs._common import run_main
 from tans.storage import Storage
-from tans.zoo import ZooError, format_stats, list_zoos, read_zoo, zoo_stats
+from tans.zoo.store import ZooError, format_stats, list_zoos, read_zoo, zoo_stats
 
 
 def main(argv: list[str]) -> int:

@@ -244,8 +244,8 @@ class Index(_SpaceHolder):
     def search(self, embedding: np.ndarray, pin: str, k: int, max_params: int | None, max_flops: int | None,
                family: str | None, rerank: bool) -> dict:
         """The ranked candidates for a query embedding made with space ``pin`` (or {missing, current})."""
-        from tans.encoders import SpaceError
-        from tans.retrieval import UnsatisfiableConstraint
+        from tans.space.encoders import SpaceError
+        from tans.space.retrieval import UnsatisfiableConstraint
 
         space = self.spaces.get(pin)
         if space is None:

@@ -308,7 +308,7 @@ def decode_image(data: bytes, index: int, max_side: int, max_pixels: int | None 
 def resize_uint8(x, size: int):
     """uint8 ``N x 3 x H x W`` tensor -> ``N x 3 x size x size``: bilinear, antialiased, rounded.
 
-    The library extractor's own resize (tans/features.py), rounded back to uint8; the Encoder
+    The library extractor's own resize (tans/space/features.py), rounded back to uint8; the Encoder
     applies the same one to images that still differ from its space's size.
     """
     import torch
@@ -391,7 +391,7 @@ def task_name_of(dataset: str, root_uri: str) -> str:
     Accepted: ``<name>``, ``tasks/<name>``, ``<root>/tasks/<name>``. A name is letters, digits,
     ``_``, ``-``, ``.`` starting with a letter or digit, so no form can leave the storage root.
     """
-    from tans.tasks import TASK_NAME_RE
+    from tans.data.tasks import TASK_NAME_RE
 
     text = dataset.strip().rstrip("/")
     for prefix in (root_uri.rstrip("/") + "/tasks/", "tasks/"):
@@ -413,9 +413,9 @@ def dataset_query(storage, dataset: str, split: str, per_class: int, seed: int, 
     """
     import pyarrow as pa
 
-    from tans.features import sample_per_class
-    from tans.reader import decode_images
-    from tans.tasks import TaskError, read_split, read_task_info, task_exists
+    from tans.data.reader import decode_images
+    from tans.data.tasks import TaskError, read_split, read_task_info, task_exists
+    from tans.space.features import sample_per_class
 
     name = task_name_of(dataset, storage.uri)
     if not task_exists(storage, name):

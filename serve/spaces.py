@@ -30,9 +30,9 @@ def resolve_space_uri(root: str | None, space: str | None) -> str:
 
     ``space`` is ``""``/``"LATEST"`` (the root's ``spaces/LATEST``), a bare run name (in
     ``root``), or a full URI (``<root>/spaces/<run>`` or another root, whose LATEST is used).
-    Raises :class:`tans.space.SpaceNotFound` when nothing finished is there.
+    Raises :class:`tans.space.store.SpaceNotFound` when nothing finished is there.
     """
-    from tans.space import read_space_info, resolve_space, space_dir
+    from tans.space.store import read_space_info, resolve_space, space_dir
 
     text = (space or "").strip()
     if text in LATEST_NAMES:
@@ -111,14 +111,14 @@ class EncoderSpace:
 
     uri: str
     run: str
-    extractor: Any  # tans.features.FeatureExtractor
+    extractor: Any  # tans.space.features.FeatureExtractor
     query_encoder: nn.Module
     image_size: int
 
 
 def load_encoder_space(uri: str, device: str = "cpu") -> EncoderSpace:
-    from tans.features import ExtractorSpec, build_extractor
-    from tans.space import load_space_model, read_space_info, resolve_space
+    from tans.space.features import ExtractorSpec, build_extractor
+    from tans.space.store import load_space_model, read_space_info, resolve_space
 
     storage, run = resolve_space(uri)
     info = read_space_info(storage, run)
@@ -146,11 +146,11 @@ class IndexSpace:
 
     uri: str
     run: str
-    retriever: Any  # tans.retrieval.Retriever with a GivenEmbedding query encoder
+    retriever: Any  # tans.space.retrieval.Retriever with a GivenEmbedding query encoder
 
 
 def load_index_space(uri: str) -> IndexSpace:
-    from tans.retrieval import Retriever
+    from tans.space.retrieval import Retriever
 
     full = Retriever.load(uri)
     retriever = Retriever(full.model_ids, full.tasks, full.n_params, full.flops, full.families,

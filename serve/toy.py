@@ -18,8 +18,8 @@ IMAGE_SIZE = 32
 
 def toy_zoo_table(prefix: str, n_tasks: int, per_task: int, seed: int) -> pa.Table:
     """``n_tasks * per_task`` zoo rows with random architectures, sizes and functional embeddings."""
-    from tans.supernets import get_family
-    from tans.zoo import ZOO_SCHEMA
+    from tans.zoo.store import ZOO_SCHEMA
+    from tans.zoo.supernets import get_family
 
     f_dim = get_family(FAMILY).penultimate_dim
     rng = np.random.default_rng(seed)
@@ -44,11 +44,11 @@ def make_toy_space(root: str, run: str, seed: int = 0, n_tasks: int = 3, per_tas
     Its extractor is a seeded ``ofa_mbv3_tiny`` supernet saved under ``<root>/checkpoints/``.
     Model ids are ``<run>-t<task>-m<model>``, so answers from different spaces never collide.
     """
-    from tans.features import ExtractorSpec
-    from tans.space import finish_space, index_table, save_model_state
-    from tans.space_training import SpaceModel, ZooArrays, index_embeddings
+    from tans.space.features import ExtractorSpec
+    from tans.space.store import finish_space, index_table, save_model_state
+    from tans.space.training import SpaceModel, ZooArrays, index_embeddings
     from tans.storage import Storage
-    from tans.supernets import get_family
+    from tans.zoo.supernets import get_family
 
     storage = Storage(root)
     family = get_family(FAMILY)
@@ -85,8 +85,8 @@ def toy_images(n_classes: int, per_class: int, size: int = IMAGE_SIZE, seed: int
 
 def make_toy_task(root: str, name: str, n_classes: int = 3, per_class: int = 6, size: int = 24, seed: int = 0) -> str:
     """Write a small task (PNG parts + ``task.json``) into the storage root; returns its name."""
+    from tans.data.tasks import TaskInfo, encode_png, write_task
     from tans.storage import Storage
-    from tans.tasks import TaskInfo, encode_png, write_task
 
     images, labels = toy_images(n_classes, per_class, size=size, seed=seed)
     pngs = [encode_png(img) for img in images]

@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 
 def load_model(uri: str, device: str = "cpu"):
-    """Load a model exported by a search (see :func:`tans.export.load_model`); imports torch lazily."""
-    from tans.export import load_model as _load_model
+    """Load a model exported by a search (see :func:`tans.selection.export.load_model`); imports torch lazily."""
+    from tans.selection.export import load_model as _load_model
 
     return _load_model(uri, device=device)
 
@@ -24,7 +24,7 @@ def search(dataset: str, *, config: str | None = None, **options):
 
     from jobs.search import search as run_search
     from tans.job_configs import load_job_config
-    from tans.search_core import SearchReport
+    from tans.selection.search import SearchReport
     from tans.storage import Storage
 
     overrides = [f"dataset={dataset}"] + [f"{k}={json.dumps(v)}" for k, v in options.items()]

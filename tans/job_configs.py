@@ -170,7 +170,7 @@ class ZooConfig:
 
 @dataclass
 class ExtractorConfig:
-    """The frozen feature extractor that turns images into query features (tans.features)."""
+    """The frozen feature extractor that turns images into query features (tans.space.features)."""
 
     kind: str = "supernet"  # "supernet": largest subnet of the zoo's base supernet; "resnet18": a checkpoint
     uri: str = ""  # checkpoint URI; "" for `supernet` means <root>/supernets/<zoo>/base/model.pt
@@ -324,7 +324,7 @@ class EvaluateConfig:
     max_flops: int = 0
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # each fixes split, samples, pool and fine-tunes
     pool_cap: int = 16  # pool = the constrained zoo, or a seeded stratified sample of this many; 0 = all
-    methods: list[str] = field(default_factory=list)  # empty: every method (tans.evaluation.METHODS)
+    methods: list[str] = field(default_factory=list)  # empty: every method (tans.selection.evaluation.METHODS)
     references: list[str] = field(default_factory=lambda: ["scratch", "generic", "scratch_long"])
     scratch_long_factor: int = 10  # scratch_long trains this many times the recipe's epochs (first seed only)
     cpus_per_trial: float = 0.0  # 0: the recipe's
@@ -332,7 +332,7 @@ class EvaluateConfig:
     force: bool = False  # redo finished targets
 
     def validate(self) -> None:
-        from tans.evaluation import METHODS, REFERENCES
+        from tans.selection.evaluation import METHODS, REFERENCES
 
         check_run_refs(self.name, self.space)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -354,7 +354,7 @@ class EvaluateConfig:
 
 
 def check_precision(value: str, key: str) -> None:
-    """``fp32`` or ``bf16`` (tans.elastic.PRECISIONS), else a one-line error naming ``key``."""
+    """``fp32`` or ``bf16`` (tans.zoo.elastic.PRECISIONS), else a one-line error naming ``key``."""
     if value not in ("fp32", "bf16"):
         raise ValueError(f"{key} must be fp32 or bf16, got {value!r}")
 

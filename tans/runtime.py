@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import pyarrow.fs as pafs
 
-from tans.ingest import DecodedImage, decode_image_bytes
+from tans.data.ingest import DecodedImage, decode_image_bytes
+from tans.data.tasks import read_task_info, task_dir
 from tans.storage import Storage
-from tans.tasks import read_task_info, task_dir
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True):
@@ -128,8 +128,8 @@ def materialise_builtin_with_ray(storage_uri: str, specs: list, image_size: int,
 
     @ray.remote(num_cpus=1)
     def one(spec):
-        from tans.builtin.catalog import materialise
-        from tans.ingest import IngestError
+        from tans.data.builtin.catalog import materialise
+        from tans.data.ingest import IngestError
 
         try:
             return spec, materialise(Storage(storage_uri), spec, image_size, force, part_rows, config=config)

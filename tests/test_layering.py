@@ -40,6 +40,12 @@ def test_the_scanner_sees_imports_inside_functions(tmp_path):
     assert imported_packages(src) == {"os", "jobs", "serve"}
 
 
+def test_the_scan_reaches_every_stage_subpackage():
+    scanned = {path.relative_to(REPO / "tans").parts[0] for path in (REPO / "tans").rglob("*.py")}
+    assert {"data", "zoo", "space", "selection"} <= scanned
+    assert (REPO / "tans/data/builtin/registry.py") in set((REPO / "tans").rglob("*.py"))
+
+
 def test_tans_never_imports_jobs_or_serve():
     assert offenders("tans", {"jobs", "serve"}, ENTRY_POINTS) == []
     # the entry points are the only exceptions, and they do use jobs (else the rule is stale)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tans.storage import Storage
-from tans.zoo import ZOO_SCHEMA, read_manifest, read_zoo
+from tans.zoo.store import ZOO_SCHEMA, read_manifest, read_zoo
 from tests.conftest import run_cli
 
 TINY = "configs/zoo/tiny.yaml"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tans.ingest import decode_in_process, ingest_imagefolder, list_imagefolder
+from tans.data.ingest import decode_in_process, ingest_imagefolder, list_imagefolder
+from tans.data.tasks import read_split
 from tans.storage import Storage
-from tans.tasks import read_split
 from tests.conftest import make_imagefolder, run_cli
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import weightedtau
 
-from tans.evaluation import FEATURE_METHODS, METHODS
+from tans.selection.evaluation import FEATURE_METHODS, METHODS
 from tests.conftest import REPO, make_imagefolder, run_cli
 
 CFG = "configs/evaluate/tiny.yaml"

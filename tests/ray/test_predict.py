@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 
 from jobs._common import run_main
-from tans.export import export_model, load_model
-from tans.finetune import build_candidate, evaluate_accuracy, finetune
-from tans.reader import load_task_tensors
+from tans.data.reader import load_task_tensors
+from tans.data.tasks import TaskInfo, encode_png, write_task
+from tans.selection.export import export_model, load_model
+from tans.selection.finetune import build_candidate, evaluate_accuracy, finetune
 from tans.storage import Storage
-from tans.subnets import largest
-from tans.supernets import get_family
-from tans.tasks import TaskInfo, encode_png, write_task
+from tans.zoo.subnets import largest
+from tans.zoo.supernets import get_family
 from tests.conftest import run_cli
-from tests.tans.search import TINY, colour_task
+from tests.tans.selection import TINY, colour_task
 
 CLASSES = ["red", "green", "blue"]
 

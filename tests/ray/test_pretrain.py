@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tans.ingest import ingest_imagefolder
+from tans.data.ingest import ingest_imagefolder
+from tans.data.reader import load_task_tensors, to_float
 from tans.job_configs import PretrainConfig, ZooConfig
-from tans.reader import load_task_tensors, to_float
 from tans.storage import Storage
-from tans.supernets import SupernetError, get_family
+from tans.zoo.supernets import SupernetError, get_family
 from tests.conftest import REPO, make_imagefolder
 
 FAMILY, SIZE = "ofa_mbv3_tiny", 32
@@ -56,7 +56,7 @@ def _one_ddp_step(config: dict) -> None:
     import ray.train
 
     from jobs.pretrain_supernet import prepare_ddp
-    from tans.supernets import unwrap
+    from tans.zoo.supernets import unwrap
 
     rank = ray.train.get_context().get_world_rank()
     model = get_family(FAMILY).build(config["num_classes"])
@@ -172,7 +172,7 @@ def test_worker_failure_resumes_from_last_epoch_and_result_is_reused(ray_local, 
 @pytest.mark.timeout(300)
 def test_force_trains_beside_the_finished_base_and_swaps_only_when_done(ray_local, corpus, monkeypatch, ledger):
     import jobs.pretrain_supernet as pretrain
-    from tans.zoo import base_model_rel
+    from tans.zoo.store import base_model_rel
 
     st, splits = corpus
     cfg = zoo_config(st, splits, "t-force", epochs=1, num_workers=1)

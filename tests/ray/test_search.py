@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import tans
-from tans.reader import load_task_tensors
+from tans.data.reader import load_task_tensors
 from tans.storage import Storage
 from tests.conftest import LEDGER, REPO, run_cli
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from tans.features import read_query
-from tans.retrieval import Retriever, UnsatisfiableConstraint
-from tans.space import SpaceNotFound
+from tans.space.features import read_query
+from tans.space.retrieval import Retriever, UnsatisfiableConstraint
+from tans.space.store import SpaceNotFound
 from tans.storage import Storage
-from tans.zoo import ZOO_SCHEMA, read_zoo
+from tans.zoo.store import ZOO_SCHEMA, read_zoo
 from tests.conftest import TINY_SPACE, TINY_ZOO, run_cli
 
 TRAIN, VAL = ["digits_0_5", "digits_5_10", "mnist_0_5"], ["mnist_5_10"]
@@ -78,7 +78,7 @@ def test_retriever_load_answers_with_constraints(tiny_space):
         by_root.retrieve(x, y, k=3, max_params=10)
 
     # images go through the space's own extractor: a task's stored images give a real answer
-    from tans.reader import load_task_tensors
+    from tans.data.reader import load_task_tensors
 
     data = load_task_tensors(Storage(str(root)), "mnist_5_10", "train", 32)
     res = by_root.retrieve_images(data.images[::5], data.labels[::5], k=3)

@@ -147,7 +147,7 @@ def test_multipart_parsing_keeps_binary_parts_intact():
 
 def test_resizing_matches_the_library_extractor():
     from serve.deployments import to_model_input
-    from tans.features import ExtractorSpec, build_extractor
+    from tans.space.features import ExtractorSpec, build_extractor
 
     ex = build_extractor(ExtractorSpec(kind="supernet", uri="", family="ofa_mbv3_tiny", image_size=32))
     x = torch.randint(0, 256, (5, 3, 20, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

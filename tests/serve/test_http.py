@@ -15,7 +15,7 @@ from PIL import Image
 
 from serve.deploy import apply_config
 from serve.toy import toy_images
-from tans.tasks import encode_png
+from tans.data.tasks import encode_png
 from tests.serve.conftest import LIMITS, app_config
 
 pytestmark = pytest.mark.timeout(420)  # the first test also starts Ray and Serve (minutes on a busy 2-core machine)
@@ -36,7 +36,7 @@ def good_body(**kw) -> dict:
 
 
 def library_answer(root, run: str, images=IMAGES, labels=LABELS, **kw):
-    from tans.retrieval import Retriever
+    from tans.space.retrieval import Retriever
 
     return Retriever.load(str(root / "spaces" / run)).retrieve_images(
         np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels, **{"k": 5, **kw})
@@ -112,7 +112,7 @@ def _png_bytes(size=(32, 32), mode="RGB", fmt="PNG") -> bytes:
 
 def _bad_cases(root) -> list[tuple[str, dict, int, str]]:
     """(case, requests kwargs, status, text the error must contain)."""
-    from tans.retrieval import Retriever
+    from tans.space.retrieval import Retriever
 
     r = Retriever.load(str(root / "spaces" / "runA"))
     smallest = str(r.model_ids[r.smallest_model()])

@@ -148,7 +148,7 @@ def test_dataset_sample_over_the_pixel_budget_is_refused_before_decoding(tmp_pat
 
     make_toy_task(str(tmp_path), "toytask", n_classes=3, per_class=6, size=24)
     decoded = []
-    monkeypatch.setattr("tans.reader.decode_images", lambda *a, **k: decoded.append(a) or None)
+    monkeypatch.setattr("tans.data.reader.decode_images", lambda *a, **k: decoded.append(a) or None)
     with pytest.raises(ApiError) as err:
         dataset_query(Storage(str(tmp_path)), "toytask", "train", 3, 0, 64, 512, max_pixels=9 * 24 * 24 - 1)
     assert err.value.status == 413 and "max_pixels_per_request" in err.value.message and decoded == []

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from tans.config import ConfigError
-from tans.features import ExtractorSpec
+from tans.data.tasks import TaskError, TaskInfo, check_task_name, read_split, read_task_info, write_task
 from tans.job_configs import load_job_config
 from tans.names import check_name, is_valid_name
-from tans.space import files_dir, finish_space, index_table, load_space, new_generation, save_model_state
-from tans.space_training import SpaceModel, ZooArrays, index_embeddings
+from tans.space.features import ExtractorSpec
+from tans.space.store import files_dir, finish_space, index_table, load_space, new_generation, save_model_state
+from tans.space.training import SpaceModel, ZooArrays, index_embeddings
 from tans.storage import CorruptArtifact, Storage, StorageError
-from tans.supernets import get_family
-from tans.tasks import TaskError, TaskInfo, check_task_name, read_split, read_task_info, write_task
-from tans.zoo import ZooManifest, part_path, read_zoo, readable_part, write_manifest
+from tans.zoo.store import ZooManifest, part_path, read_zoo, readable_part, write_manifest
+from tans.zoo.supernets import get_family
 from tests.conftest import REPO, run_cli, tree_digest
 from tests.tans.space.test_features_and_space_io import _toy_zoo
 
@@ -114,7 +114,7 @@ def test_storage_never_deletes_or_overwrites_the_root(tmp_path, rel, ledger):
 
 
 def _task(name: str, value: int, n: int = 6) -> tuple[TaskInfo, dict, dict]:
-    from tans.tasks import encode_png
+    from tans.data.tasks import encode_png
 
     img = encode_png(np.full((8, 8), value, dtype=np.uint8))
     info = TaskInfo(name=name, classes=["a", "b"], source="test", licence="none", image_size=8, channels=1, counts={})
@@ -263,7 +263,7 @@ def test_corrupt_zoo_and_task_files_end_in_one_line(tmp_path, ledger):
 
 def test_a_space_refuses_an_extractor_that_changed_since_it_was_trained(tmp_path, ledger):
     ledger.fault(2)
-    from tans.features import ExtractorError, build_extractor, checkpoint_sha256
+    from tans.space.features import ExtractorError, build_extractor, checkpoint_sha256
 
     family = get_family("ofa_mbv3_tiny")
     ckpt = tmp_path / "base.pt"
@@ -285,7 +285,7 @@ def test_a_space_refuses_an_extractor_that_changed_since_it_was_trained(tmp_path
 def test_predict_skips_an_image_over_the_pixel_bound_without_decoding_it(ledger):
     ledger.bad_input()
     from jobs.predict import decode
-    from tests.tans.test_ingest import _bomb_png
+    from tests.tans.data.test_ingest import _bomb_png
 
     class NeverDecode:
         def preprocess(self, img):
@@ -296,7 +296,7 @@ def test_predict_skips_an_image_over_the_pixel_bound_without_decoding_it(ledger)
 
 def test_a_damaged_query_file_is_one_line_and_extracted_again(tmp_path, ledger):
     from jobs.extract_queries import _readable_query
-    from tans.features import query_path, read_query, write_query
+    from tans.space.features import query_path, read_query, write_query
 
     st = Storage(str(tmp_path))
     write_query(st, "ex", "t", np.ones((4, 3), dtype=np.float32), np.arange(4))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tans.contrastive import MARGIN, contrastive_loss, predictor_loss, space_loss
+from tans.space.contrastive import MARGIN, contrastive_loss, predictor_loss, space_loss
 
 
 def _m(rows):

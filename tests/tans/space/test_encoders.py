@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tans.encoders import ModelEncoder, PerformancePredictor, QueryEncoder, SpaceError, class_means
-from tans.subnets import N_SLOTS, N_STAGES, SLOTS_PER_STAGE, sample_archs
-from tans.supernets import get_family, list_families
+from tans.space.encoders import ModelEncoder, PerformancePredictor, QueryEncoder, SpaceError, class_means
+from tans.zoo.subnets import N_SLOTS, N_STAGES, SLOTS_PER_STAGE, sample_archs
+from tans.zoo.supernets import get_family, list_families
 
 FEATURE_DIM = 12
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from tans.contrastive import space_loss
-from tans.encoders import ModelEncoder, PerformancePredictor, QueryEncoder
-from tans.retrieval import Retriever
-from tans.space_metrics import space_metrics
+from tans.space.contrastive import space_loss
+from tans.space.encoders import ModelEncoder, PerformancePredictor, QueryEncoder
+from tans.space.metrics import space_metrics
+from tans.space.retrieval import Retriever
 
 FAMILY = ((3, 5, 7), (3, 4, 6), (2, 3, 4), 8)  # (ks, e, d choices, f_emb size)
 FEATURE_DIM, LATENT, N_TASKS, N_MODELS, N_CLASSES, PER_CLASS = 16, 3, 16, 6, 4, 5

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from tans.features import (
+from tans.space.features import (
     ExtractorError,
     ExtractorSpec,
     build_extractor,
@@ -16,12 +16,12 @@ from tans.features import (
     sample_per_class,
     write_query,
 )
-from tans.retrieval import Retriever
-from tans.space import SpaceNotFound, finish_space, index_table, load_space, save_model_state
-from tans.space_training import SpaceModel, ZooArrays, index_embeddings
+from tans.space.retrieval import Retriever
+from tans.space.store import SpaceNotFound, finish_space, index_table, load_space, save_model_state
+from tans.space.training import SpaceModel, ZooArrays, index_embeddings
 from tans.storage import Storage
-from tans.supernets import get_family
-from tans.zoo import ZOO_SCHEMA
+from tans.zoo.store import ZOO_SCHEMA
+from tans.zoo.supernets import get_family
 
 
 def _images(n, size=32, seed=0):

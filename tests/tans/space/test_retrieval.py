@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tans.encoders import ModelEncoder, PerformancePredictor, QueryEncoder, SpaceError
-from tans.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask, topk_cosine
+from tans.space.encoders import ModelEncoder, PerformancePredictor, QueryEncoder, SpaceError
+from tans.space.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask, topk_cosine
 
 FAMILIES = np.array(["tiny", "w1.0", "w1.2"])
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tans.space_metrics import (
+from tans.space.metrics import (
     predictor_metrics,
     random_baseline,
     ranks_of_best,

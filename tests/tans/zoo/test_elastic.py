@@ -8,11 +8,11 @@ import random
 import pytest
 import torch
 
-from tans.elastic import cosine_lr, finetune_for_task, make_optimizer, sandwich_step, train_supernet
-from tans.measure import evaluate, recalibrate_bn
-from tans.reader import TaskTensors, iter_batches
-from tans.subnets import largest, smallest
-from tans.supernets import get_family
+from tans.data.reader import TaskTensors, iter_batches
+from tans.zoo.elastic import cosine_lr, finetune_for_task, make_optimizer, sandwich_step, train_supernet
+from tans.zoo.measure import evaluate, recalibrate_bn
+from tans.zoo.subnets import largest, smallest
+from tans.zoo.supernets import get_family
 
 TINY = get_family("ofa_mbv3_tiny")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tans.measure import (
+from tans.zoo.measure import (
     count_flops,
     count_params,
     evaluate,
@@ -19,8 +19,8 @@ from tans.measure import (
     probe_batch,
     recalibrate_bn,
 )
-from tans.subnets import Arch, largest, sample_archs, set_arch, smallest
-from tans.supernets import forward_features, get_family
+from tans.zoo.subnets import Arch, largest, sample_archs, set_arch, smallest
+from tans.zoo.supernets import forward_features, get_family
 
 TINY = get_family("ofa_mbv3_tiny")
 

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from tans.config import ConfigError
-from tans.elastic import autocast, finetune_for_task, make_optimizer, sandwich_step, train_supernet
-from tans.finetune import build_candidate, evaluate_accuracy, finetune, split_train_val, subset
+from tans.data.reader import TaskTensors, iter_batches, to_float
 from tans.job_configs import load_job_config
-from tans.measure import evaluate, measure_subnet, probe_batch
-from tans.reader import TaskTensors, iter_batches, to_float
-from tans.subnets import largest, random_arch, set_arch, smallest
-from tans.supernets import get_family
+from tans.selection.finetune import build_candidate, evaluate_accuracy, finetune, split_train_val, subset
+from tans.zoo.elastic import autocast, finetune_for_task, make_optimizer, sandwich_step, train_supernet
+from tans.zoo.measure import evaluate, measure_subnet, probe_batch
+from tans.zoo.subnets import largest, random_arch, set_arch, smallest
+from tans.zoo.supernets import get_family
 
 TINY = get_family("ofa_mbv3_tiny")
 

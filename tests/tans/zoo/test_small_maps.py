@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicSeparableConv2d
 from torch import nn
 
-from tans.finetune import build_candidate, model_size
-from tans.measure import count_flops, flops_of
-from tans.small_maps import (
+from tans.selection.finetune import build_candidate, model_size
+from tans.zoo.measure import count_flops, flops_of
+from tans.zoo.small_maps import (
     CroppedDepthwiseConv2d,
     CroppedSeparableConv2d,
     crop_depthwise_kernels,
     depthwise_as_matmul,
     plain_copy,
 )
-from tans.subnets import largest, sample_archs, set_arch, smallest
-from tans.supernets import get_family
+from tans.zoo.subnets import largest, sample_archs, set_arch, smallest
+from tans.zoo.supernets import get_family
 
 
 def _plain_and_fast(family_name: str, monkeypatch, num_classes: int = 5):

@@ -12,15 +12,25 @@ import sys
 import pytest
 import torch
 
-from tans.subnets import Arch, largest, model_id, random_arch, sample_archs, set_arch, smallest, task_arch_seed, task_archs
-from tans.supernets import get_family
+from tans.zoo.subnets import (
+    Arch,
+    largest,
+    model_id,
+    random_arch,
+    sample_archs,
+    set_arch,
+    smallest,
+    task_arch_seed,
+    task_archs,
+)
+from tans.zoo.supernets import get_family
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 SAMPLE_SCRIPT = """
 import json
-from tans.subnets import model_id, sample_archs, task_archs
-from tans.supernets import get_family
+from tans.zoo.subnets import model_id, sample_archs, task_archs
+from tans.zoo.supernets import get_family
 out = {}
 for name in ("ofa_mbv3_w1.0", "ofa_mbv3_tiny"):
     archs = sample_archs(get_family(name), 12, seed=7)

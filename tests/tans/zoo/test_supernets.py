@@ -7,8 +7,15 @@ import time
 import pytest
 import torch
 
-from tans import supernets
-from tans.supernets import SupernetError, forward_features, get_family, list_families, load_initial_weights, new_head
+from tans.zoo import supernets
+from tans.zoo.supernets import (
+    SupernetError,
+    forward_features,
+    get_family,
+    list_families,
+    load_initial_weights,
+    new_head,
+)
 
 
 @pytest.mark.timeout(60)
@@ -178,7 +185,8 @@ def test_modelling_modules_do_not_import_ray():
     import subprocess
     import sys
 
-    code = "import sys, tans.supernets, tans.subnets, tans.measure, tans.elastic; print('ray' in sys.modules)"
+    code = ("import sys, tans.zoo.supernets, tans.zoo.subnets, tans.zoo.measure, tans.zoo.elastic; "
+            "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

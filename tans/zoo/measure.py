@@ -1,0 +1,214 @@
+"""Measuring a subnet for its zoo row: accuracy, parameters, FLOPs, functional embedding.
+
+Definitions (the zoo row schema, tans.zoo.store.ZOO_SCHEMA):
+
+* ``n_params`` and ``flops`` count the exported subnet (``get_active_subnet``) *without* its
+  classifier head, since heads differ with the number of classes; FLOPs come from
+  ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add: convolutions and matmuls
+  only, not BatchNorm or activations) for one image at the zoo's image size, in eval mode.
+* ``f_emb`` is the mean penultimate feature (the classifier's input) over one fixed, seeded
+  Gaussian probe batch, with the subnet's recalibrated BatchNorm statistics.
+* accuracy is top-1 on the test batches after BatchNorm recalibration on training batches.
+  With ``precision="bf16"`` only that accuracy forward runs under bfloat16 autocast; the
+  recalibration, the counts and ``f_emb`` stay fp32.
+
+Everything runs on the supernet in place (no per-subnet copy): only the counts build a static
+subnet, and those depend on the architecture alone, so they are cached across tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tans.zoo.elastic import autocast
+from tans.zoo.small_maps import plain_copy
+from tans.zoo.subnets import Arch, set_arch
+from tans.zoo.supernets import forward_features, unwrap
+
+
+@dataclass
+class Measurement:
+    """What a zoo row records about one subnet on one task."""
+
+    accuracy: float
+    n_params: int
+    flops: int
+    f_emb: np.ndarray  # float32, length = family.penultimate_dim
+
+
+# (supernet structure, arch, image size or None) -> count; archs repeat across tasks.
+_COUNT_CACHE: dict[tuple, int] = {}
+
+
+def _structure(net: nn.Module) -> tuple:
+    return (type(net).__name__, net.width_mult, tuple(net.ks_list), tuple(net.expand_ratio_list), tuple(net.depth_list))
+
+
+def _headless_subnet(model: nn.Module, arch: Arch) -> nn.Module:
+    """The exported static subnet of ``arch`` with its classifier replaced by the identity."""
+    net = unwrap(model)
+    set_arch(net, arch)
+    # preserve_weight=False: only the shapes matter for counting, so skip copying weights.
+    sub = net.get_active_subnet(preserve_weight=False)
+    sub.classifier = nn.Identity()
+    return sub.eval()
+
+
+def count_params(model: nn.Module, arch: Arch) -> int:
+    """Parameters of the subnet ``arch`` without its classifier head (sets ``arch`` active)."""
+    net = unwrap(model)
+    key = (_structure(net), arch, None)
+    if key not in _COUNT_CACHE:
+        _COUNT_CACHE[key] = sum(p.numel() for p in _headless_subnet(net, arch).parameters())
+    set_arch(net, arch)
+    return _COUNT_CACHE[key]
+
+
+def flops_of(module: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of ``module(x)`` as ``FlopCounterMode`` counts them (2 per multiply-add), no grad."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        plain_copy(module)(x)
+    return int(counter.get_total_flops())
+
+
+def count_flops(model: nn.Module, arch: Arch, image_size: int) -> int:
+    """FLOPs (2 per multiply-add) of one ``image_size`` image through ``arch`` without the head."""
+    net = unwrap(model)
+    key = (_structure(net), arch, int(image_size))
+    if key not in _COUNT_CACHE:
+        sub = _headless_subnet(net, arch)
+        x = torch.zeros(1, 3, image_size, image_size, device=next(sub.parameters()).device)
+        # Counted on the exported static subnet: on the supernet, OFA's kernel transforms
+        # (7x7 -> 5x5 -> 3x3 matmuls on the weights) would be counted as if they were inference.
+        _COUNT_CACHE[key] = flops_of(sub, x)
+    set_arch(net, arch)
+    return _COUNT_CACHE[key]
+
+
+def probe_batch(probe_size: int, image_size: int, seed: int) -> torch.Tensor:
+    """The fixed Gaussian probe images ``probe_size x 3 x image_size x image_size`` for ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(probe_size, 3, image_size, image_size, generator=gen)
+
+
+def _device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def functional_embedding(model: nn.Module, arch: Arch, probe: torch.Tensor) -> np.ndarray:
+    """Mean penultimate feature of ``arch`` over ``probe`` (eval mode, no grad), float32."""
+    net = unwrap(model)
+    set_arch(net, arch)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            feats = forward_features(net, probe.to(_device(net)))
+    finally:
+        net.train(was_training)
+    return feats.mean(dim=0).float().cpu().numpy().astype(np.float32)
+
+
+def _bn_layers(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def recalibrate_bn(model: nn.Module, arch: Arch, batches: Iterable) -> None:
+    """Re-estimate every BatchNorm's running statistics for ``arch`` over ``batches``.
+
+    ``batches`` yields float image tensors (or ``(images, labels)`` pairs). Statistics are reset
+    and re-accumulated as an exact cumulative average (``momentum=None``), because the shared
+    supernet statistics do not fit any particular subnet. Only the active channels are updated
+    (OFA's dynamic BatchNorm slices the buffers); this changes the supernet's buffers.
+    """
+    net = unwrap(model)
+    set_arch(net, arch)
+    bns = _bn_layers(net)
+    momenta = [bn.momentum for bn in bns]
+    was_training = net.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    net.train()
+    device = _device(net)
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                forward_features(net, images.to(device))  # the head has no BatchNorm
+                seen += 1
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        net.train(was_training)
+    if seen == 0:
+        raise ValueError("recalibrate_bn needs at least one batch")
+
+
+def evaluate(model: nn.Module, arch: Arch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             precision: str = "fp32") -> float:
+    """Top-1 accuracy of ``arch`` over ``(images, labels)`` batches (eval mode, no grad).
+
+    ``precision="bf16"``: the forward passes run under bfloat16 autocast (logits cast to fp32).
+    """
+    net = unwrap(model)
+    set_arch(net, arch)
+    was_training = net.training
+    net.eval()
+    device = _device(net)
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for images, labels in batches:
+                with autocast(device, precision):
+                    logits = net(images.to(device))
+                pred = logits.float().argmax(dim=1)
+                correct += int((pred == labels.to(pred.device)).sum())
+                total += int(labels.shape[0])
+    finally:
+        net.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate needs at least one test image")
+    return correct / total
+
+
+def measure_subnet(
+    model: nn.Module,
+    arch: Arch,
+    bn_batches: Iterable,
+    test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    image_size: int,
+    probe: torch.Tensor,
+    precision: str = "fp32",
+) -> Measurement:
+    """Recalibrate BatchNorm for ``arch``, then measure accuracy, size, FLOPs and ``f_emb``.
+
+    The supernet's BatchNorm buffers are restored afterwards, so measuring many subnets (in any
+    order) gives the same numbers as measuring each one alone; ``arch`` stays active.
+    ``precision="bf16"`` runs the accuracy forward alone under bfloat16 autocast: the BatchNorm
+    recalibration (outside autocast) and ``f_emb`` stay fp32.
+    """
+    net = unwrap(model)
+    saved = {id(bn): [b.clone() for b in bn.buffers()] for bn in _bn_layers(net)}
+    try:
+        recalibrate_bn(net, arch, bn_batches)  # fp32, never under autocast: the statistics stay exact
+        accuracy = evaluate(net, arch, test_batches, precision)
+        f_emb = functional_embedding(net, arch, probe)
+    finally:
+        with torch.no_grad():
+            for bn in _bn_layers(net):
+                for buf, old in zip(bn.buffers(), saved[id(bn)]):
+                    buf.copy_(old)
+    return Measurement(
+        accuracy=accuracy,
+        n_params=count_params(net, arch),
+        flops=count_flops(net, arch, image_size),
+        f_emb=f_emb,
+    )

@@ -1,0 +1,49 @@
+"""`tans search --dataset SRC`: an ImageFolder a user brings becomes a task once, then splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from tans.selection.search import SearchError, load_search_data, prepare_dataset
+from tans.storage import Storage
+from tests.conftest import make_imagefolder
+
+
+def test_an_imagefolder_is_ingested_once_and_split_without_overlap(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    folder = make_imagefolder(tmp_path / "user" / "my_parts", {"bolt": 12, "nut": 10, "washer": 11})
+    task, how = prepare_dataset(storage, str(folder), image_size=16)
+    assert (task, how) == ("my_parts", "ingested from an ImageFolder")
+    assert prepare_dataset(storage, str(folder), image_size=16) == ("my_parts", "ingested earlier")
+    assert prepare_dataset(storage, "my_parts", image_size=16) == ("my_parts", "in the storage root")
+
+    data = load_search_data(storage, task, image_size=16, val_fraction=0.25, seed=0)
+    assert data.classes == ["bolt", "nut", "washer"]
+    n_train, n_val, n_test = len(data.train), len(data.val), len(data.test)
+    assert n_train + n_val + n_test == 33 and min(n_train, n_val, n_test) > 0
+    # every split sees every class (the folder's classes have distinct mean colours)
+    for split in (data.train, data.val, data.test):
+        images, labels = split.images.float(), split.labels
+        assert set(labels.tolist()) == {0, 1, 2}
+        means = [float(images[labels == c].mean()) for c in range(3)]
+        assert means == sorted(means)
+    # the val split is carved from train: no image is in both
+    train_rows = {tuple(x.flatten().tolist()) for x in data.train.images}
+    assert not any(tuple(x.flatten().tolist()) in train_rows for x in data.val.images)
+
+
+def test_another_folder_with_the_same_name_is_refused(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    prepare_dataset(storage, str(make_imagefolder(tmp_path / "a" / "shapes", {"x": 6, "y": 6})), image_size=16)
+    other = make_imagefolder(tmp_path / "b" / "shapes", {"x": 6, "y": 6}, seed=1)
+    with pytest.raises(SearchError, match="another source"):
+        prepare_dataset(storage, str(other), image_size=16)
+
+
+@pytest.mark.parametrize("src, needle", [("", "--dataset is required"), ("/no/such/folder", "/no/such/folder"),
+                                         ("not_a_task", "no task 'not_a_task'")])
+def test_bad_sources_are_search_errors(tmp_path, src, needle):
+    storage = Storage(str(tmp_path / "root"))
+    with pytest.raises(SearchError, match=needle):
+        prepare_dataset(storage, src, image_size=16)
+    assert not storage.exists("tasks")
