@@ -49,3 +49,13 @@ test-fast: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The project image the cluster manifests run (Dockerfile; cluster/README.md): Ray's image at the
+# pinned Ray version + the project and its pinned dependencies. Tag it for your registry and push:
+#   make image IMAGE=YOUR_REGISTRY/tans-on-ray:0.1.0 && docker push YOUR_REGISTRY/tans-on-ray:0.1.0
+TANS_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= tans-on-ray:$(TANS_VERSION)
+
+.PHONY: image
+image:
+	docker build -t $(IMAGE) .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import tomllib
 from pathlib import Path
 
@@ -14,6 +15,8 @@ CLUSTER = REPO / "cluster"
 LAUNCHER = [CLUSTER / "aws.yaml", CLUSTER / "gcp.yaml"]
 K8S = sorted((CLUSTER / "k8s").glob("*.yaml"))
 ALL = LAUNCHER + K8S
+DOCKERFILE = REPO / "Dockerfile"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 SECRET_PATTERNS = [
     re.compile(r"AKIA[0-9A-Z]{16}"),  # AWS access key id
@@ -25,16 +28,70 @@ SECRET_PATTERNS = [
 
 def ray_minor() -> str:
     """'2.60' from the `ray[...]==2.60.*` pin in pyproject.toml."""
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    (pin,) = [d for d in deps if d.startswith("ray[")]
+    (pin,) = [d for d in PYPROJECT["dependencies"] if d.startswith("ray[")]
     return re.search(r"==(\d+\.\d+)", pin).group(1)
+
+
+def python_tag() -> str:
+    """'py311' from `requires-python = ">=3.11,<3.12"`."""
+    major, minor = re.search(r">=\s*(\d+)\.(\d+)", PYPROJECT["requires-python"]).groups()
+    return f"py{major}{minor}"
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile as (INSTRUCTION, arguments): continuation lines joined, comment lines dropped."""
+    instructions, current = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        current += line.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        keyword, _, args = current.strip().partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        current = ""
+    return instructions
+
+
+def base_image() -> str:
+    """The Dockerfile's FROM image, with ARG defaults declared before it substituted."""
+    args, froms = {}, []
+    for keyword, rest in dockerfile():
+        if keyword == "ARG" and not froms:
+            name, _, default = rest.partition("=")
+            args[name.strip()] = default.strip().strip("\"'")
+        elif keyword == "FROM":
+            froms.append([w for w in rest.split() if not w.startswith("--")][0])
+    assert len(froms) == 1, f"Dockerfile: expected one FROM (Ray's image), got {froms}"
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], froms[0])
+
+
+def base_ray_version() -> str:
+    """'2.60.0' from FROM rayproject/ray:2.60.0-py311-gpu."""
+    return base_image().split(":", 1)[1].split("-")[0]
+
+
+def shell_commands(run: str) -> list[list[str]]:
+    """A RUN line's commands (split at &&, ||, ; and |, outside quotes), each as shell words."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    commands = [[]]
+    for word in lexer:
+        if word in ("&&", "||", ";", "|"):
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [c for c in commands if c]
+
+
+IMAGE_KEYS = ("image", "head_image", "worker_image")
 
 
 def images(node) -> list[str]:
     found = []
     if isinstance(node, dict):
         for k, v in node.items():
-            if k == "image" and isinstance(v, str):
+            if k in IMAGE_KEYS and isinstance(v, str):
                 found.append(v)
             else:
                 found += images(v)
@@ -49,16 +106,77 @@ def test_manifests_exist():
     assert {p.name for p in K8S} >= {"raycluster.yaml", "rayjob.yaml"}
 
 
+def project_image_name() -> str:
+    """'tans-on-ray': the repository of the Makefile's `IMAGE ?= tans-on-ray:$(TANS_VERSION)`."""
+    (image,) = re.findall(r"^IMAGE \?= (\S+)$", (REPO / "Makefile").read_text(), re.M)
+    return image.rsplit(":", 1)[0]
+
+
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
-def test_parses_and_pins_the_ray_version(path):
+def test_parses_runs_the_project_image_and_holds_no_secrets(path):
     doc = yaml.safe_load(path.read_text())
-    ray_images = [i for i in images(doc) if i.startswith("rayproject/ray:")]
-    assert ray_images, f"{path.name}: no rayproject/ray image"
-    for image in ray_images:
-        assert image.split(":", 1)[1].startswith(ray_minor() + "."), image
+    found = images(doc)
+    assert found, f"{path.name}: no image"
+    for image in found:
+        name, _, tag = image.rpartition(":")
+        assert not image.startswith("rayproject/"), f"{path.name}: {image} lacks the project; use the project image"
+        assert name.rsplit("/", 1)[-1] == project_image_name(), image
+        assert tag == PYPROJECT["version"], f"{path.name}: {image}: tag it with pyproject.toml's version"
     text = path.read_text()
     for pattern in SECRET_PATTERNS:
         assert not pattern.search(text), f"{path.name}: looks like a secret ({pattern.pattern})"
+
+
+def test_every_manifest_names_the_same_project_image():
+    everywhere = {image for path in ALL for image in images(yaml.safe_load(path.read_text()))}
+    assert len(everywhere) == 1, f"one project image name in every manifest, got {sorted(everywhere)}"
+
+
+def test_dockerfile_builds_from_the_pinned_ray_image():
+    image = base_image()
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray_minor())}\.\d+-{python_tag()}-gpu", image), image
+    assert "ENTRYPOINT" not in [k for k, _ in dockerfile()]  # Ray's own entrypoint stays
+    assert any(re.search(r"\bRAY_USAGE_STATS_ENABLED=0\b", rest) for k, rest in dockerfile() if k == "ENV")
+    text = DOCKERFILE.read_text()
+    for pattern in SECRET_PATTERNS:
+        assert not pattern.search(text), f"Dockerfile: looks like a secret ({pattern.pattern})"
+    for keyword, rest in dockerfile():
+        if keyword in ("ARG", "ENV"):
+            assert not re.search(r"(?i)token|secret|password|access_key", rest), f"{keyword} {rest}: no credentials"
+
+
+def test_dockerfile_installs_the_project_and_the_corpus_packages():
+    steps = dockerfile()
+    copies = [shlex.split(rest) for k, rest in steps if k == "COPY"]
+    sources = [w for words in copies for w in [w for w in words if not w.startswith("--")][:-1]]
+    for src in sources:
+        assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    deb_lists = [s for s in sources if s.endswith("debian_packages.txt")]
+    py_lists = [s for s in sources if s.endswith("python_requirements.txt")]
+    assert deb_lists and py_lists and "." in sources
+    assert f"DEB_LIST := {deb_lists[0]}" in (REPO / "Makefile").read_text()  # the list `make setup` installs
+
+    runs = [(i, shell_commands(rest)) for i, (k, rest) in enumerate(steps) if k == "RUN"]
+    commands = [(i, c) for i, cmds in runs for c in cmds]
+    pip = [(i, c) for i, c in commands if c[:2] == ["pip", "install"] or c[1:4] == ["-m", "pip", "install"]]
+    project = [i for i, c in pip if "." in c and "-e" not in c and "--editable" not in c]
+    assert project, "Dockerfile: no `pip install .` of the project"
+    assert any("--no-deps" in c and any(w.endswith("python_requirements.txt") for w in c) for _, c in pip)
+    apt = [i for i, c in commands if "apt-get" in c and "install" in c]
+    assert apt and any(Path(deb_lists[0]).name in " ".join(steps[i][1].split()) for i in apt)
+
+    users = [(i, rest) for i, (k, rest) in enumerate(steps) if k == "USER"]
+    assert all([u for j, u in users if j < i][-1:] == ["root"] for i in apt), "apt-get runs as root"
+    assert users and users[-1][1] == "ray" and all(users[-1][0] < i for i in project), "pip runs as Ray's `ray` user"
+
+    workdir = [rest for k, rest in steps if k == "WORKDIR"][-1]
+    assert any(c[-2:] == [".", workdir] or c[-2:] == [".", "."] for c in copies), "the repository is the WORKDIR"
+
+
+def test_dockerignore_keeps_the_context_small():
+    patterns = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git", "outputs", "build", "dist"} <= patterns
+    assert {"**/__pycache__", "**/*.egg-info"} <= patterns
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
@@ -72,7 +190,15 @@ def test_launcher_has_autoscaling_spot_gpu_workers_and_a_private_dashboard(path)
     config = str(workers[0]["node_config"])
     assert ("spot" in config.lower()) or ("preemptible" in config.lower())
     assert ("InstanceType" in workers[0]["node_config"] and "g5" in config) or "guestAccelerators" in config
-    assert any("pip install" in c and "tans" in c for c in doc["setup_commands"])
+    # The image holds every dependency: a setup command may only point the package at the rsynced copy.
+    setup = [c for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                           "worker_setup_commands") for c in doc.get(key) or []]
+    for command in setup:
+        if "pip install" in command:
+            assert "--no-deps" in command and " -r " not in command, f"{path.name}: {command}"
+    workdir = [rest for k, rest in dockerfile() if k == "WORKDIR"][-1]
+    assert list(doc["file_mounts"]) == [workdir], "the rsynced copy replaces the image's copy, at its WORKDIR"
+    assert all(workdir in c for c in setup if "pip install" in c)
     head_cmds = " ".join(doc["head_start_ray_commands"])
     assert "--dashboard-host=0.0.0.0" not in head_cmds and "--dashboard-host=127.0.0.1" in head_cmds
     assert ".venv" in doc["rsync_exclude"]
@@ -88,6 +214,7 @@ def test_kuberay_versions_gpus_autoscaling_and_no_public_service(path):
     doc = yaml.safe_load(path.read_text())
     spec = _cluster_spec(doc)
     assert spec["rayVersion"].startswith(ray_minor() + ".")
+    assert spec["rayVersion"] == base_ray_version(), "rayVersion is the Ray of the project image (Dockerfile FROM)"
     assert spec.get("enableInTreeAutoscaling") is True
     assert spec["headGroupSpec"].get("serviceType", "ClusterIP") not in ("LoadBalancer", "NodePort")
     gpu_groups = [
@@ -98,14 +225,14 @@ def test_kuberay_versions_gpus_autoscaling_and_no_public_service(path):
     assert gpu_groups and all(g["minReplicas"] == 0 and g["maxReplicas"] > 0 for g in gpu_groups)
 
 
-def test_rayjob_runs_the_zoo_build_with_the_pinned_torch():
+def test_rayjob_runs_the_zoo_build_with_the_image_dependencies():
     doc = yaml.safe_load((CLUSTER / "k8s" / "rayjob.yaml").read_text())
-    assert doc["spec"]["entrypoint"].startswith("python -m jobs.build_zoo --config configs/zoo/")
+    entrypoint = doc["spec"]["entrypoint"].split()
+    assert entrypoint[:4] == ["python", "-m", "jobs.build_zoo", "--config"]
+    assert entrypoint[4].startswith("configs/zoo/") and (REPO / entrypoint[4]).is_file()
+    # The pinned torch/torchvision/ofa live in pyproject.toml and so in the image: no copied list here.
     runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    for pinned in ("torch==", "torchvision==", "ofa=="):
-        (want,) = [d for d in deps if d.startswith(pinned)]
-        assert want in runtime_env["pip"], want
+    assert not {"pip", "uv", "conda"} & set(runtime_env), "dependencies come from the project image"
 
 
 def test_submit_runtime_env_excludes_the_heavy_paths():
@@ -114,6 +241,7 @@ def test_submit_runtime_env_excludes_the_heavy_paths():
         assert path in env["excludes"]
     readme = (CLUSTER / "README.md").read_text()
     assert "RAY_AUTH_MODE=token" in readme and "--runtime-env cluster/runtime_env.yaml" in readme
+    assert "make image IMAGE=" in readme and "docker push" in readme
 
 
 RAYSERVICE = CLUSTER / "k8s" / "rayservice.yaml"
@@ -135,9 +263,7 @@ def test_rayservice_serve_config_is_serve_config_yaml():
 def test_rayservice_versions_match_the_ray_pin_and_the_head_stays_private():
     doc = yaml.safe_load(RAYSERVICE.read_text())
     spec = doc["spec"]["rayClusterConfig"]
-    assert spec["rayVersion"].startswith(ray_minor() + ".")
-    tags = {i.split(":", 1)[1] for i in images(doc) if i.startswith("rayproject/ray:")}
-    assert tags and all(t.split("-")[0] == spec["rayVersion"] for t in tags), tags
+    assert spec["rayVersion"].startswith(ray_minor() + ".") and spec["rayVersion"] == base_ray_version()
     assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
     assert "dashboard-host" not in spec["headGroupSpec"].get("rayStartParams", {})  # KubeRay's default, in-cluster
     gpu = [g for g in spec["workerGroupSpecs"] if "gpu" in g["groupName"]]
