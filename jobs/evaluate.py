@@ -196,7 +196,15 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
                         "references": {n: s.to_dict() for n, s in ref_specs.items()}})
     cache_dir = f"evaluations/_cache/{zoo.retriever.info['zoo']}"
     rel = f"{cache_dir}/{task}-s{seed}-{key}.json"
+    tune_rel = f"{cache_dir}/tune/{task}-s{seed}-{key}"  # run_trials' experiment for this record
     cached = storage.read_json(rel) if storage.is_file(rel) and not cfg.force else None
+    if cached is not None and cached.get("failed"):
+        # a failed fine-tune (a full disk, a lost node) is not a measurement: measure the pool again,
+        # from a fresh Tune run (a restored one would keep its errored trials)
+        print(f"[evaluate] {task} seed {seed}: {len(cached['failed'])} fine-tune(s) failed last time; measuring again",
+              flush=True)
+        storage.delete(tune_rel)
+        cached = None
     if cached is not None and all(m in cached["features"] for m in wanted_features):
         print(f"[evaluate] {task} seed {seed}: ground truth and feature scores of this pool measured earlier "
               f"({storage.uri_of(rel)})", flush=True)
@@ -231,6 +239,10 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
                             "model_id": spec.model_id, "status": r.status, "epoch_test_accuracy": r.test_accuracy}
     out = {"features": features, "ground_truth": truth, "failed": failed, "references": references}
     storage.write_json(rel, out)
+    if not failed:
+        # the numbers are in the cache file now; the trials' checkpoints (model + optimizer after
+        # every epoch, ~2 GB per record on the local profile) are only needed to resume
+        storage.delete(tune_rel)
     return out
 
 

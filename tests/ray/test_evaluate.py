@@ -163,3 +163,27 @@ def test_bad_input_is_one_line_and_writes_no_evaluation(tiny_space, args, needle
     assert proc.returncode == code and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (root / "evaluations" / "bad").exists()
+
+
+@pytest.mark.timeout(1500)
+def test_finished_records_leave_no_checkpoints_and_failed_fine_tunes_are_measured_again(resumed):
+    root, _, _ = resumed
+    cache = next((root / "evaluations" / "_cache").iterdir())  # <zoo>/
+    entries = sorted(cache.glob(f"{TASK}-s0-*.json"))
+    assert entries, "the resumed run cached no record"
+    # the ground truth is in the cache file: the Tune runs' checkpoints of finished records are gone
+    assert not [p.name for p in (cache / "tune").glob(f"{TASK}-s*")]
+    # a fine-tune that failed (a full disk, a lost node) is not reused as a measurement
+    entry = entries[0]
+    good = json.loads(entry.read_text())
+    victim = min(good["ground_truth"])
+    broken = {**good, "ground_truth": {k: v for k, v in good["ground_truth"].items() if k != victim},
+              "failed": [{"model_id": victim, "error": "OSError: [Errno 28] No space left on device"}]}
+    entry.write_text(json.dumps(broken))
+    proc = _evaluate(root, "--name", "again", "seeds=[0]")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 fine-tune(s) failed last time; measuring again" in proc.stdout
+    remeasured = json.loads(entry.read_text())
+    assert remeasured["failed"] == [] and set(remeasured["ground_truth"]) == set(good["ground_truth"])
+    ev = json.loads((root / "evaluations" / "again" / "evaluation.json").read_text())
+    assert victim in ev["targets"][0]["ground_truth"]
