@@ -155,6 +155,9 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
             tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler, reuse_actors=True),
             run_config=tune.RunConfig(name=phase, storage_path=path, storage_filesystem=fs, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      # resuming and the export read only a trial's latest checkpoint;
+                                      # every epoch's (model + optimizer) would grow a run by GBs
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[TBXLoggerCallback()]),
         )
     grid = tuner.fit()
