@@ -26,10 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as a script
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from tans.space.retrieval import constraint_mask, topk_cosine  # noqa: E402
+from tans.space.retrieval import constraint_mask, topk_cosine
 
 
 def _timed(fn) -> float:
@@ -51,10 +51,10 @@ def run(rows: int, dim: int, k: int, repeats: int, warmup: int, seed: int = 0) -
 
     times: dict[str, list[float]] = {"bare": [], "masked": [], "full": []}
     for i, q in enumerate(queries):
-        t_bare = _timed(lambda: torch.topk(index @ q, k))
-        t_masked = _timed(lambda: topk_cosine(q, index, k, mask))
+        t_bare = _timed(lambda q=q: torch.topk(index @ q, k))
+        t_masked = _timed(lambda q=q: topk_cosine(q, index, k, mask))
         t_full = _timed(
-            lambda: topk_cosine(q, index, k, torch.from_numpy(constraint_mask(n_params, flops, max_params=limit)))
+            lambda q=q: topk_cosine(q, index, k, torch.from_numpy(constraint_mask(n_params, flops, max_params=limit)))
         )
         if i >= warmup:
             times["bare"].append(t_bare)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # an embedded Ray on loopback
 
-import requests  # noqa: E402
+import requests
 
 ONE_REPLICA = {"num_replicas": 1, "autoscaling_config": None}
 HEALTH_LIMIT_S = 1.0
@@ -159,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{pixels:,} pixels = {pixels * 3 / 2**30:.1f} GiB of RGB if decoded; budget {budget:,} pixels; "
           f"{os.cpu_count()} CPUs")
     for name, r in results.items():
-        print(f"{name:>9}: HTTP {r['status']} in {r['seconds']:.2f} s; /v1/healthz max {r['health_max_s'] * 1e3:.0f} ms "
-              f"over {r['probes']} probes{', failures: ' + str(r['health_bad'][:3]) if r['health_bad'] else ''}"
-              f"{'; ' + r['error'] if r['error'] else ''}")
+        print(
+            f"{name:>9}: HTTP {r['status']} in {r['seconds']:.2f} s; /v1/healthz max {r['health_max_s'] * 1e3:.0f} ms "
+            f"over {r['probes']} probes{', failures: ' + str(r['health_bad'][:3]) if r['health_bad'] else ''}"
+            f"{'; ' + r['error'] if r['error'] else ''}"
+        )
     bombs_ok = all(results[k]["status"] == 413 for k in ("json", "multipart"))
     legal_ok = "legal" not in results or results["legal"]["status"] == 200
     health_max = max(r["health_max_s"] for r in results.values())

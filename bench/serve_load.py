@@ -7,8 +7,8 @@ Starts a local Ray and Serve on 127.0.0.1 (a free port), deploys serve/config.ya
 per deployment (no autoscaling, so the rows compare like with like) over a tiny random space
 (serve/toy.py; or ``--space``), and sends one fixed query (``--classes`` x ``--per-class`` PNG
 images at the extractor's size, as base64 JSON and as a multipart upload) from N client threads,
-plus many small requests (``--small`` images, 2 classes) where batching across requests can help. Each cell runs for at most
-``--seconds`` and ``--max-requests``. Batching is switched by reconfiguring the Encoder's
+plus many small requests (``--small`` images, 2 classes) where batching across requests can help.
+Each cell runs for at most ``--seconds`` and ``--max-requests``. Batching is switched by reconfiguring the Encoder's
 user_config in place (no restart). The ratio: ``--pairs`` single HTTP requests alternating with
 ``Retriever.retrieve_images`` on the same images in a Ray actor (one torch thread and the same
 niceness as the Encoder replica), medians of each. Everything listens on 127.0.0.1 and is shut
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # an embedded Ray on loopback
 
-import numpy as np  # noqa: E402
-import requests  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import requests
+import torch
 
 CLIENTS = (1, 4, 16)
 ONE_REPLICA = {"num_replicas": 1, "autoscaling_config": None}
@@ -119,7 +119,9 @@ class InProcess:
         return time.perf_counter() - t0
 
 
-def lockstep_ratio(url: str, body: bytes, in_process, pairs: int, ctype: str = "application/json") -> tuple[float, float]:
+def lockstep_ratio(
+    url: str, body: bytes, in_process, pairs: int, ctype: str = "application/json"
+) -> tuple[float, float]:
     """Median (HTTP seconds, in-process seconds) over ``pairs`` alternating requests: both see the same load."""
     import ray
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere as a script
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 
 class Stepper:
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
         def fit() -> None:
             try:
                 trainer.fit()
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            except BaseException as exc:  # reported by the main thread
                 failure.append(exc)
                 done.put(None)
 

@@ -248,7 +248,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if not args.ray_niceness:
-        os.environ["RAY_worker_niceness"] = str(os.getpriority(os.PRIO_PROCESS, 0))
+        os.environ["RAY_worker_niceness"] = str(  # noqa: SIM112 (Ray spells it so)
+            os.getpriority(os.PRIO_PROCESS, 0))
     import torch
 
     torch.set_num_threads(1)
@@ -269,7 +270,7 @@ def main(argv: list[str]) -> int:
 
     print(f"\n{FAMILY} largest subnet, {IMAGE_SIZE}px, {args.train} train / {args.val} val synthetic images, "
           f"batch 32, 1 thread per trial; Ray with {cpus:g} CPUs, 1 CPU per trial, reuse_actors=True, "
-          f"worker niceness {'15 (Ray default)' if args.ray_niceness else os.environ['RAY_worker_niceness']}")
+          f"worker niceness {'15 (Ray default)' if args.ray_niceness else os.environ['RAY_worker_niceness']}")  # noqa: SIM112
     print(f"load average (1 min) {load_before:.1f} before, {load_after:.1f} after; whole bench {total:.0f}s\n")
     print(f"part 1: {args.trials} equal trials x {args.epochs} epochs, {p['at_once']} at once")
     print("| measure | seconds |")

@@ -22,8 +22,9 @@ Recipes:
 The recipes run task by task, alternating, so background load on a shared machine hits them
 alike. Printed: seconds per (task x subnet) split into data loading, fine-tuning and measuring,
 the candidate/baseline ratio (target <= 0.5; a task's data loading and fine-tune count once
-for all the ``subnets_per_task`` subnets the recipe measures on it, as in the zoo build), and the accuracies of both recipes subnet by
-subnet with the mean absolute difference next to the baseline's seed-to-seed difference.
+for all the ``subnets_per_task`` subnets the recipe measures on it, as in the zoo build), and the
+accuracies of both recipes subnet by subnet with the mean absolute difference next to the
+baseline's seed-to-seed difference.
 """
 
 from __future__ import annotations
@@ -60,10 +61,20 @@ BASELINE_ITEMS_PER_TASK = 4  # measurement work items per task then (4 subnets e
 def recipe_of(cfg) -> dict:
     f, m = cfg.finetune, cfg.measure
     return {
-        "finetune": {"steps": f.steps, "batch_size": f.batch_size, "images_per_task": f.images_per_task,
-                     "lr": f.lr, "random_subnets": f.random_subnets},
-        "measure": {"subnets_per_task": m.subnets_per_task, "bn_batches": m.bn_batches, "bn_batch_size": m.bn_batch_size, "test_images": m.test_images,
-                    "probe_size": m.probe_size},
+        "finetune": {
+            "steps": f.steps,
+            "batch_size": f.batch_size,
+            "images_per_task": f.images_per_task,
+            "lr": f.lr,
+            "random_subnets": f.random_subnets,
+        },
+        "measure": {
+            "subnets_per_task": m.subnets_per_task,
+            "bn_batches": m.bn_batches,
+            "bn_batch_size": m.bn_batch_size,
+            "test_images": m.test_images,
+            "probe_size": m.probe_size,
+        },
     }
 
 
@@ -133,7 +144,11 @@ def main() -> None:
     storage, base_rel = scratch_root(Storage(cfg.root), cfg)
     family = get_family(cfg.family)
     # name: (recipe, seed, today's code?)
-    runs = {"baseline": (BASELINE, 0, False), "baseline_seed1": (BASELINE, 1, False), "candidate": (recipe_of(cfg), 0, True)}
+    runs = {
+        "baseline": (BASELINE, 0, False),
+        "baseline_seed1": (BASELINE, 1, False),
+        "candidate": (recipe_of(cfg), 0, True),
+    }
     out: dict[str, dict[str, dict]] = {name: {} for name in runs}
     tasks = [t for t in args.tasks.split(",") if t]
     for task in tasks:
@@ -169,9 +184,11 @@ def main() -> None:
     print(f"\ncandidate / baseline cost: {ratio:.2f}  (target <= 0.50: {'met' if ratio <= 0.5 else 'missed'})")
     print("accuracy, subnet by subnet: |candidate - baseline| mean "
           f"{100 * diff:.1f} pts; seed noise |baseline seed 0 - seed 1| mean {100 * noise:.1f} pts")
-    print(f"mean accuracy: baseline {100 * statistics.mean(a for t in tasks for a in out['baseline'][t]['accuracy']):.1f}"
-          f" %, seed 1 {100 * statistics.mean(a for t in tasks for a in out['baseline_seed1'][t]['accuracy']):.1f}"
-          f" %, candidate {100 * statistics.mean(a for t in tasks for a in out['candidate'][t]['accuracy']):.1f} %")
+    print(
+        f"mean accuracy: baseline {100 * statistics.mean(a for t in tasks for a in out['baseline'][t]['accuracy']):.1f}"
+        f" %, seed 1 {100 * statistics.mean(a for t in tasks for a in out['baseline_seed1'][t]['accuracy']):.1f}"
+        f" %, candidate {100 * statistics.mean(a for t in tasks for a in out['candidate'][t]['accuracy']):.1f} %"
+    )
     shutil.rmtree(storage.uri, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -54,8 +54,13 @@ def main() -> None:
     model = family.build(10)
     s = args.image_size
     bn = [torch.randn(args.bn_batch_size, 3, s, s) for _ in range(args.bn_batches)]
-    test = [(torch.randn(min(256, args.test_images - i), 3, s, s), torch.randint(0, 10, (min(256, args.test_images - i),)))
-            for i in range(0, args.test_images, 256)]
+    test = [
+        (
+            torch.randn(min(256, args.test_images - i), 3, s, s),
+            torch.randint(0, 10, (min(256, args.test_images - i),)),
+        )
+        for i in range(0, args.test_images, 256)
+    ]
     probe = probe_batch(16, s, 0)
     archs = sample_archs(family, args.archs, seed=0)
 

@@ -103,7 +103,7 @@ def drain_progress(progress, format_line) -> None:
     while True:
         try:
             msg = progress.get(timeout=5)
-        except Exception:  # noqa: BLE001 - Empty, or the queue actor is gone at shutdown
+        except Exception:  # Empty, or the queue actor is gone at shutdown
             continue
         if msg is None:
             return

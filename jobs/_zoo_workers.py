@@ -12,7 +12,7 @@ import io
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import ray
 import torch
@@ -139,7 +139,7 @@ def measure_items(storage_uri: str, cfg: ZooConfig, task: str, supernet_rel: str
     bn = [x.to(device) for x, _ in iter_batches(bn_data, m.bn_batch_size)]
     test_batches = [(x.to(device), y.to(device)) for x, y in iter_batches(test, 256)]
     probe = probe_batch(m.probe_size, cfg.image_size, m.probe_seed).to(device)
-    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created = datetime.now(UTC).isoformat(timespec="seconds")
     rows = []
     for arch in archs:
         meas = measure_subnet(model, arch, bn, test_batches, cfg.image_size, probe, precision=m.precision)
@@ -175,8 +175,12 @@ def build_tasks(cfg: ZooConfig, storage: Storage, base_rel: str, tasks: list[str
     from tans.zoo.supernets import get_family
 
     family = get_family(cfg.family)
-    ft = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.finetune.gpus_per_task, max_retries=2)(finetune_task)
-    ms = ray.remote(num_cpus=cfg.measure.cpus_per_item, num_gpus=cfg.measure.gpus_per_item, max_retries=2)(measure_items)
+    ft = ray.remote(num_cpus=cfg.finetune.cpus_per_task, num_gpus=cfg.finetune.gpus_per_task, max_retries=2)(
+        finetune_task
+    )
+    ms = ray.remote(num_cpus=cfg.measure.cpus_per_item, num_gpus=cfg.measure.gpus_per_item, max_retries=2)(
+        measure_items
+    )
     pending: dict = {}
     left: dict[str, int] = {}
     for task in tasks:

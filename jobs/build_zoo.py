@@ -18,18 +18,29 @@ model ids and measurements. `tans build-zoo` runs exactly this.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import sys
 import time
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import UTC, datetime
 
 from jobs._common import as_override, run_main, split_overrides
 from tans.config import to_dict
 from tans.data.tasks import TaskError, task_exists
 from tans.job_configs import ZooConfig, load_job_config, load_splits
 from tans.storage import Storage, new_generation
-from tans.zoo.store import (ZooError, ZooManifest, base_folder, finished_tasks, format_stats, part_path, read_manifest,
-                      read_zoo, readable_part, write_manifest, zoo_stats)
+from tans.zoo.store import (
+    ZooError,
+    ZooManifest,
+    base_folder,
+    finished_tasks,
+    format_stats,
+    part_path,
+    read_manifest,
+    read_zoo,
+    readable_part,
+    write_manifest,
+    zoo_stats,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -39,7 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="redo finished tasks (and the base supernet)")
     overrides, rest = split_overrides(argv, parser)
     args = parser.parse_args(rest)
-    args.overrides = overrides + ([as_override("root", args.root)] if args.root else []) + (["force=true"] if args.force else [])
+    args.overrides = (
+        overrides + ([as_override("root", args.root)] if args.root else []) + (["force=true"] if args.force else [])
+    )
     return args
 
 
@@ -58,7 +71,9 @@ def plan_tasks(cfg: ZooConfig, storage: Storage) -> tuple[list[str], list[str], 
             raise ZooError(f"task {t!r} is meta_test in {cfg.splits}: it must stay out of the zoo")
     for t in pretrain:
         if t not in splits.meta_train:
-            raise ZooError(f"pretrain task {t!r} is not meta_train in {cfg.splits}: base pretraining uses meta_train only")
+            raise ZooError(
+                f"pretrain task {t!r} is not meta_train in {cfg.splits}: base pretraining uses meta_train only"
+            )
     for t in dict.fromkeys([*pretrain, *tasks]):
         if not task_exists(storage, t):
             raise TaskError(f"task {t!r} not found in {storage.uri} (run `tans data ingest builtin:all` or ingest it)")
@@ -73,7 +88,9 @@ def check_existing_zoo(storage: Storage, cfg: ZooConfig, splits_hash: str) -> No
     old = storage.read_json(path)
     for key, new in (("family", cfg.family), ("image_size", cfg.image_size), ("splits_hash", splits_hash)):
         if old.get(key) != new:
-            raise ZooError(f"zoo {cfg.name!r} exists with {key}={old.get(key)!r}, not {new!r}: pick another name or use --force")
+            raise ZooError(
+                f"zoo {cfg.name!r} exists with {key}={old.get(key)!r}, not {new!r}: pick another name or use --force"
+            )
     # zoos written before per-task sampling existed measured the same archs on every task
     old_per_task = bool(old.get("config", {}).get("measure", {}).get("per_task_archs", False))
     if old_per_task != cfg.measure.per_task_archs:
@@ -147,7 +164,7 @@ def read_zoo_part_rows(storage: Storage, zoo: str, task: str, generation: str = 
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 if __name__ == "__main__":

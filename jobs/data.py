@@ -50,7 +50,9 @@ def list_corpus(as_json: bool) -> int:
         print(json.dumps([s.as_dict() for s in specs], indent=1))
         return 0
     sources = all_sources()
-    print(f"{len(specs)} built-in tasks from {len(sources)} sources (materialise with `tans data ingest builtin:all`)\n")
+    print(
+        f"{len(specs)} built-in tasks from {len(sources)} sources (materialise with `tans data ingest builtin:all`)\n"
+    )
     for name, src in sources.items():
         tasks = [s for s in specs if s.source == name]
         print(f"{name}: {len(src.class_names())} classes, {src.image_size}px x{src.channels} - {src.description}")
@@ -116,7 +118,8 @@ def ingest_builtin(storage: Storage, src: str, name: str | None, cfg: IngestConf
     t0 = time.perf_counter()
     reports = list(_materialise_all(storage, todo, cfg))
     images = sum(r.info.counts["train"] + r.info.counts["test"] for r in reports)
-    print(f"materialised {len(reports)} task(s), {images} images, in {time.perf_counter() - t0:.1f}s -> {storage.uri_of('tasks')}")
+    seconds = time.perf_counter() - t0
+    print(f"materialised {len(reports)} task(s), {images} images, in {seconds:.1f}s -> {storage.uri_of('tasks')}")
     return 0
 
 
@@ -129,7 +132,9 @@ def _materialise_all(storage: Storage, specs: list[catalog.TaskSpec], cfg: Inges
         from tans import runtime
 
         runtime.init_ray()
-        results = runtime.materialise_builtin_with_ray(storage.uri, specs, cfg.image_size, cfg.force, cfg.part_rows, config)
+        results = runtime.materialise_builtin_with_ray(
+            storage.uri, specs, cfg.image_size, cfg.force, cfg.part_rows, config
+        )
     else:
         results = ((s, _try(storage, s, cfg, config)) for s in specs)
     failed = []

@@ -25,7 +25,6 @@ from tans.job_configs import DemoConfig, load_job_config, load_splits
 from tans.storage import Storage
 
 
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tans demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="demo config YAML (default: configs/demo/local.yaml)")
@@ -66,7 +65,9 @@ def main(argv: list[str]) -> int:
         from jobs import build_zoo
 
         # the zoo must use the demo's splits, so a demo with other splits never mixes zoos
-        code = build_zoo.main(["--config", cfg.zoo, as_override("root", storage.uri), as_override("splits", cfg.splits)])
+        code = build_zoo.main(
+            ["--config", cfg.zoo, as_override("root", storage.uri), as_override("splits", cfg.splits)]
+        )
         if code:
             return code
     space_name = ""
@@ -74,8 +75,11 @@ def main(argv: list[str]) -> int:
         from jobs import train_space
 
         zoo_name = load_job_config("zoo", cfg.zoo).name
-        space_cfg = load_job_config("space", cfg.space, [as_override("root", storage.uri), as_override("splits", cfg.splits),
-                                                         as_override("zoo", zoo_name)])
+        space_cfg = load_job_config(
+            "space",
+            cfg.space,
+            [as_override("root", storage.uri), as_override("splits", cfg.splits), as_override("zoo", zoo_name)],
+        )
         train_space.train_space(space_cfg, storage)
         space_name = space_cfg.name
     if not (cfg.zoo and cfg.space and cfg.search):

@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -337,7 +337,7 @@ def _task_means(space_root: Storage, info: dict) -> dict:
     for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
         try:
             means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
-        except Exception:  # noqa: BLE001 - a task without a stored query is simply not a neighbour
+        except Exception:  # a task without a stored query is simply not a neighbour
             continue
     return means
 
@@ -386,7 +386,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     for t in sorted(set(zoo.tasks.tolist())):
         try:
             zoo_sources[t] = read_task_info(space_root, t).source or ""
-        except Exception:  # noqa: BLE001 - a zoo whose tasks are not in this root: no source to match
+        except Exception:  # a zoo whose tasks are not in this root: no source to match
             zoo_sources[t] = ""
     # every target is resolved and checked before anything is written or any Ray work starts
     image_size = int(info["image_size"])
@@ -433,7 +433,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     evaluation = {"run": run, "settings": settings,
                   "space": {"run": info["run"], "zoo": info["zoo"], "uri": uri, "family": info.get("family")},
                   "targets": records, "summary": summary, "seconds": round(time.perf_counter() - t_start, 1),
-                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                  "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}
     md = evaluation_markdown(evaluation)
     storage.write_text(f"{run_dir}/evaluation.md", md)
     with tempfile.TemporaryDirectory() as tmp:

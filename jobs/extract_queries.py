@@ -43,7 +43,9 @@ def extractor_spec(cfg: SpaceConfig, storage: Storage) -> ExtractorSpec:
     if ex.kind == "supernet":
         uri = ex.uri or storage.uri_of(base_model_rel(storage, cfg.zoo))
         name = ex.name or (f"{cfg.zoo}-largest" if not ex.uri else "")
-        return ExtractorSpec(kind="supernet", uri=uri, family=manifest.family, image_size=manifest.image_size, name=name)
+        return ExtractorSpec(
+            kind="supernet", uri=uri, family=manifest.family, image_size=manifest.image_size, name=name
+        )
     return ExtractorSpec(kind=ex.kind, uri=ex.uri, image_size=manifest.image_size, name=ex.name)
 
 
@@ -115,8 +117,8 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
     build_extractor(spec)  # an unreadable checkpoint is one line here, not an actor crash
     from tans import runtime
 
-    ray = runtime.init_ray()
-    import ray.data
+    runtime.init_ray()
+    import ray.data  # binds `ray` too
 
     # Ray Data's periodic progress log (every 10 s when stdout is not a terminal) drowns the
     # job's own lines: keep its warnings and errors. Its progress bars still show on a terminal.
@@ -128,9 +130,18 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
     ds = ray.data.from_items([{"task": t} for t in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         QueryActor,
-        fn_constructor_kwargs={"spec": spec.to_dict(), "root": storage.uri, "per_class": q.per_class,
-                               "seed": q.seed, "gpus": q.gpus_per_actor, "threads": int(max(1, q.cpus_per_actor))},
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=q.cpus_per_actor, num_gpus=q.gpus_per_actor,
+        fn_constructor_kwargs={
+            "spec": spec.to_dict(),
+            "root": storage.uri,
+            "per_class": q.per_class,
+            "seed": q.seed,
+            "gpus": q.gpus_per_actor,
+            "threads": int(max(1, q.cpus_per_actor)),
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=q.cpus_per_actor,
+        num_gpus=q.gpus_per_actor,
     )
     records = ds.take_all()
     print(f"[queries] {len(records)} tasks, {sum(int(r['images']) for r in records)} images in "

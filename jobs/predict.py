@@ -41,7 +41,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -214,7 +214,7 @@ def decode(data, loaded):
             img = open_bounded(bytes(data))  # over the pixel bound: skipped before decoding
             img.load()
             return loaded.preprocess(img)
-    except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean "skip"
+    except Exception:  # PIL raises many types for broken files; all mean "skip"
         return None
 
 
@@ -294,8 +294,8 @@ def run_predictions(model_uri: str, source: Source, batch_size: int, concurrency
     """Label ``source`` on Ray Data; returns ``(predictions table, skipped paths, seconds)``."""
     from tans import runtime
 
-    ray = runtime.init_ray()
-    import ray.data
+    runtime.init_ray()
+    import ray.data  # binds `ray` too
 
     # Ray Data's periodic progress log (every 10 s when stdout is not a terminal) drowns the
     # job's own lines: keep its warnings and errors. Its progress bars still show on a terminal.
@@ -374,7 +374,7 @@ def predict(model: str, dataset: str, out: str | None = None, root: str | None =
     meta = {"model": model_uri, "dataset": dataset, "source": source.uri, "kind": source.kind,
             "split": source.split or None, "images": table.num_rows, "skipped": len(skipped),
             "skipped_examples": skipped[:SKIPPED_KEPT], "accuracy": accuracy, "classes": loaded.classes,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
     target.write_parquet(rel, table)
     return PredictReport(table=table, out=target.uri_of(rel), skipped=skipped, seconds=seconds, accuracy=accuracy)

@@ -29,7 +29,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ class PooledLayout:
     images: dict[str, int]  # images taken per task
 
     @classmethod
-    def of(cls, storage: Storage, tasks: list[str], images_per_task: int) -> "PooledLayout":
+    def of(cls, storage: Storage, tasks: list[str], images_per_task: int) -> PooledLayout:
         offsets, images, total = {}, {}, 0
         for task in tasks:
             info = read_task_info(storage, task)  # TaskError if the task is not in the root
@@ -256,7 +256,7 @@ def _wait_for_reported_checkpoint(timeout_s: float = 30.0) -> None:
         while not queue.empty() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.0)
-    except Exception:  # noqa: BLE001 - another Ray version: fall back to a generous wait
+    except Exception:  # another Ray version: fall back to a generous wait
         time.sleep(5.0)
 
 
@@ -345,14 +345,26 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str 
     buf = io.BytesIO()
     torch.save(state_dict, buf)
     storage.write_bytes(model_rel, buf.getvalue())
-    storage.write_json(done_rel, {
-        "zoo": cfg.name, "family": cfg.family, "image_size": cfg.image_size, "config": to_dict(cfg),
-        "splits_hash": splits.digest(), "tasks": list(tasks), "class_offsets": layout.offsets,
-        "num_classes": layout.num_classes, "images": pooled, "metrics": state["history"][-1] if state["history"] else {},
-        "history": state["history"], "wall_s": round(time.perf_counter() - t0, 1), "model": model_rel,
-        "ray_train": storage.uri_of(f"{out}/ray_train/{RUN_NAME}"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })  # written last: it marks the base as finished (and, after --force, swaps the new one in)
+    storage.write_json(
+        done_rel,
+        {
+            "zoo": cfg.name,
+            "family": cfg.family,
+            "image_size": cfg.image_size,
+            "config": to_dict(cfg),
+            "splits_hash": splits.digest(),
+            "tasks": list(tasks),
+            "class_offsets": layout.offsets,
+            "num_classes": layout.num_classes,
+            "images": pooled,
+            "metrics": state["history"][-1] if state["history"] else {},
+            "history": state["history"],
+            "wall_s": round(time.perf_counter() - t0, 1),
+            "model": model_rel,
+            "ray_train": storage.uri_of(f"{out}/ray_train/{RUN_NAME}"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )  # written last: it marks the base as finished (and, after --force, swaps the new one in)
     _drop_stale(storage, base, out)
     print(f"[pretrain] done in {time.perf_counter() - t0:.0f}s -> {storage.uri_of(model_rel)}")
     return model_rel
@@ -373,7 +385,11 @@ def _attempt_dir(storage: Storage, base: str, fingerprint: dict, finished: bool)
     previous = storage.read_json(run_rel) if storage.is_file(run_rel) else None
     same = previous is not None and {k: v for k, v in previous.items() if k != "attempt"} == fingerprint
     out = previous.get("attempt", base) if same else base
-    live = posixpath.dirname(storage.read_json(f"{base}/done.json").get("model", f"{base}/model.pt")) if finished else None
+    live = (
+        posixpath.dirname(storage.read_json(f"{base}/done.json").get("model", f"{base}/model.pt"))
+        if finished
+        else None
+    )
     if out == live:
         out = f"{base}/{new_generation()}"  # never train into the folder a finished done.json names
     if not same:

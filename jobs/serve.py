@@ -23,8 +23,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--root", default=None, help="storage root (default: $TANS_ROOT, else ~/.cache/tans)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    parser.add_argument("--token-env", default=None,
-                        help="environment variable holding the bearer token (default TANS_SERVE_TOKEN); unset = no auth")
+    parser.add_argument(
+        "--token-env",
+        default=None,
+        help="environment variable holding the bearer token (default TANS_SERVE_TOKEN); unset = no auth",
+    )
     parser.add_argument("--behind-auth-proxy", action="store_true",
                         help="allow a non-loopback --host without a token: an authenticating proxy is the only way in")
     return parser.parse_args(argv)

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from jobs._common import as_override, drain_progress, run_main, split_overrides
 from tans.config import to_dict
@@ -126,7 +126,9 @@ def train_loop(config: dict) -> None:
         losses.clear()
         if rank == 0:
             val_m = evaluate_space(inner, zoo_all, val_queries)
-            metrics.update({k: val_m[k] for k in ("R@1", "R@5", "R@10", "mean_rank", "median_rank", "rmse", "kendall_tau")})
+            metrics.update(
+                {k: val_m[k] for k in ("R@1", "R@5", "R@10", "mean_rank", "median_rank", "rmse", "kendall_tau")}
+            )
             metrics["select"] = selection_score(val_m)
             metrics["seconds"] = time.perf_counter() - t0
             if writer is not None:
@@ -346,9 +348,8 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
         with open(os.path.join(d, "state.json")) as f:
             history = json.load(f)["history"]
     if result.checkpoint is not None:  # the full curve lives in the latest checkpoint's state
-        with result.checkpoint.as_directory() as d:
-            with open(os.path.join(d, "state.json")) as f:
-                history = json.load(f)["history"]
+        with result.checkpoint.as_directory() as d, open(os.path.join(d, "state.json")) as f:
+            history = json.load(f)["history"]
 
     model = SpaceModel(family, feature_dim, cfg.embed_dim, cfg.hidden, cfg.attention, cfg.predictor_hidden)
     model.load_state_dict(state_dict)
@@ -371,7 +372,7 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
         with open(png, "rb") as f:
             storage.write_bytes(f"{out_dir}/curves.png", f.read())
     info.update({"index_rows": int(zoo_table.num_rows), "best_step": best["step"], "config": to_dict(cfg),
-                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                 "created_at": datetime.now(UTC).isoformat(timespec="seconds")})
     lease.check()  # another writer took the run over: leave the swap to it
     finish_space(storage, cfg.name, info)  # the swap: space.json names `files`; stale files go after
     print(format_table(val_metrics))

@@ -174,7 +174,7 @@ def serving_host() -> str | None:
 
         try:
             client = _get_global_client(raise_if_no_controller_running=False)
-        except Exception as exc:  # noqa: BLE001 - fail closed: an unknown address is not loopback
+        except Exception as exc:  # fail closed: an unknown address is not loopback
             return f"<unknown address: {type(exc).__name__}>"
         if client is not None:
             return client.http_config.host
@@ -306,10 +306,21 @@ class Ingress:
         return {**searched, "n_images": len(query), "n_classes": len(set(query.labels.tolist())),
                 "resized": max(resized, encoded["resized"])}
 
-    @api.post("/v1/retrieve", response_model=RetrieveResponse, responses=ERRORS, summary="retrieve models for a dataset",
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": RetrieveRequest.model_json_schema()},
-                  "multipart/form-data": {"schema": _MULTIPART_SCHEMA}}}})
+    @api.post(
+        "/v1/retrieve",
+        response_model=RetrieveResponse,
+        responses=ERRORS,
+        summary="retrieve models for a dataset",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": RetrieveRequest.model_json_schema()},
+                    "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+                },
+            }
+        },
+    )
     async def retrieve(self, request: Request,
                        credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
         """Ranked candidates (best first) for the query under the constraints, and the space run that answered."""
@@ -351,7 +362,7 @@ class Ingress:
         try:
             await asyncio.wait_for(asyncio.gather(self.encoder.current_uri.remote(), self.index.current_uri.remote()),
                                    timeout=10)
-        except Exception as exc:  # noqa: BLE001 - any failure means not healthy
+        except Exception as exc:  # any failure means not healthy
             raise ApiError(503, f"a deployment does not answer ({type(exc).__name__})") from None
         return {"status": "ok"}
 

@@ -88,7 +88,7 @@ class _SpaceHolder:
                     self.spaces.install(loaded)
                 self._apply(config)
                 self.reconfigure_error = None
-            except Exception as exc:  # noqa: BLE001 - any failure: see below
+            except Exception as exc:  # any failure: see below
                 if self.spaces.current is None:
                     raise  # nothing to serve: the replica fails to start and Serve reports why
                 # A bad new config must not take the service down: keep answering with the space

@@ -111,19 +111,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     """Check ``value`` against type ``tp``; convert only lossless cases (int -> float)."""
     origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, key, source)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
+        return _coerce_union(typing.get_args(tp), value, key, source)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: key '{key}' must be a mapping, got {value!r}")
@@ -131,7 +120,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: key '{key}' must be a list, got {value!r}")
-        (item_tp,) = args or (Any,)
+        (item_tp,) = typing.get_args(tp) or (Any,)
         return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -139,20 +128,43 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. a run name like 2024 written without quotes
-    elif isinstance(tp, type) and isinstance(value, tp):
-        return value
+    ok, converted = _coerce_scalar(tp, value)
+    if ok:
+        return converted
     raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_union(args: tuple, value: Any, key: str, source: str) -> Any:
+    """The first member of an ``X | Y | None`` that accepts ``value``; else the first member's error."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(arg, value, key, source)
+        except ConfigError as exc:
+            errors.append(exc)
+    raise errors[0]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # bool is an int subclass
+
+
+def _coerce_scalar(tp: Any, value: Any) -> tuple[bool, Any]:
+    """``(True, value)`` (converted where lossless) when ``value`` is a ``tp``, else ``(False, None)``."""
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        return (True, float(value)) if _is_number(value) else (False, None)
+    if tp is str:
+        if isinstance(value, str):
+            return True, value
+        if _is_number(value):
+            return True, str(value)  # e.g. a run name like 2024 written without quotes
+        return False, None
+    return isinstance(tp, type) and isinstance(value, tp), value

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from tans.storage import Storage, StorageError
 
@@ -218,7 +218,7 @@ class Lease:
 
     def describe(self, owner: dict) -> str:
         age = _now() - float(owner.get("heartbeat", 0))
-        since = datetime.fromtimestamp(float(owner.get("since", 0)), timezone.utc).isoformat(timespec="seconds")
+        since = datetime.fromtimestamp(float(owner.get("since", 0)), UTC).isoformat(timespec="seconds")
         what = f" ({owner['what']})" if owner.get("what") else ""
         return f"pid {owner.get('pid')} on {owner.get('host')}{what}, since {since}, heartbeat {age:.0f}s ago"
 

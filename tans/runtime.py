@@ -122,7 +122,9 @@ def _as_bytes(value) -> bytes | None:
     return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
 
 
-def materialise_builtin_with_ray(storage_uri: str, specs: list, image_size: int, force: bool, part_rows: int, config: dict):
+def materialise_builtin_with_ray(
+    storage_uri: str, specs: list, image_size: int, force: bool, part_rows: int, config: dict
+):
     """Materialise built-in tasks as parallel Ray tasks; yields ``(spec, report_or_error)``."""
     import ray
 

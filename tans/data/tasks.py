@@ -12,7 +12,7 @@ import io
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -53,7 +53,7 @@ class TaskInfo:
         return len(self.classes)
 
     @classmethod
-    def from_json(cls, obj: dict) -> "TaskInfo":
+    def from_json(cls, obj: dict) -> TaskInfo:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in obj.items() if k in known})
 
@@ -143,14 +143,17 @@ def write_task(
         for i, start in enumerate(range(0, max(len(imgs), 1), part_rows)):
             part = f"{prefix}{i:05d}.parquet"
             table = pa.table(
-                {"image": pa.array(imgs[start : start + part_rows], pa.binary()), "label": labs[start : start + part_rows]},
+                {
+                    "image": pa.array(imgs[start : start + part_rows], pa.binary()),
+                    "label": labs[start : start + part_rows],
+                },
                 schema=PART_SCHEMA,
             )
             storage.write_parquet(f"{base}/{split}/{part}", table)
             info.parts[split].append(part)
         info.counts[split] = int(len(labs))
         info.class_counts[split] = np.bincount(labs, minlength=info.num_classes).astype(int).tolist()
-    info.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    info.created_at = datetime.now(UTC).isoformat(timespec="seconds")
     storage.write_json(f"{base}/task.json", asdict(info))  # the swap
     if replacing:
         for split in SPLITS:
@@ -179,8 +182,7 @@ def read_split(storage: Storage, name: str, split: str) -> pa.Table:
 def iter_split(storage: Storage, name: str, split: str) -> Iterator[tuple[bytes, int]]:
     """Yield ``(png_bytes, label)`` for every row of a split, part by part."""
     table = read_split(storage, name, split)
-    for img, lab in zip(table.column("image").to_pylist(), table.column("label").to_pylist()):
-        yield img, lab
+    yield from zip(table.column("image").to_pylist(), table.column("label").to_pylist())
 
 
 def label_counts(labels: Iterable[int], num_classes: int) -> list[int]:

@@ -103,7 +103,7 @@ def read_body_state(weights_uri: str) -> dict[str, torch.Tensor]:
     data = _read_checkpoint_bytes(weights_uri)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or pickles code
+    except Exception as err:  # corrupt, truncated, or pickles code
         text = " ".join(str(err).split())[:120]
         raise SupernetError(f"{weights_uri}: not a readable weights-only PyTorch checkpoint ({text})") from None
     state = _state_dict_from(obj, weights_uri)

@@ -88,7 +88,7 @@ def _fit(spec: _Spectrum, y: np.ndarray) -> EvidenceFit:
     eps_m = _REL_EPS * scale / max(float(spec.sigma.max(initial=0.0)), 1e-300)
     alpha, beta = 1.0, 1.0
     iterations = 0
-    for iterations in range(1, MAX_ITER + 1):
+    for iterations in range(1, MAX_ITER + 1):  # noqa: B007 (the count is returned)
         gamma, m2, res2 = _terms(spec, x2, res_x2, alpha, beta)
         new_alpha = max(gamma, 1e-300) / (m2 + eps_m)
         new_beta = max(spec.n - gamma, 1e-300) / (res2 + eps_res)

@@ -65,7 +65,9 @@ def prepare_dataset(storage: Storage, src: str, image_size: int, ingest_cfg=None
         try:
             check_task_name(name)
         except TaskError:
-            raise SearchError(f"--dataset {src!r}: not a task name, and not a path (use ./{src} for a folder)") from None
+            raise SearchError(
+                f"--dataset {src!r}: not a task name, and not a path (use ./{src} for a folder)"
+            ) from None
         if not task_exists(storage, name):
             raise SearchError(f"--dataset {src!r}: no task {name!r} in {storage.uri} (and not a folder path)")
         return name, "in the storage root"
@@ -283,7 +285,7 @@ def _pct(x) -> str:
 
 def _cell(entry: dict | None) -> str:
     if not entry or entry.get("test_accuracy") is None:
-        return "—" if not entry else f"failed"
+        return "—" if not entry else "failed"
     s = _pct(entry["test_accuracy"])
     if entry.get("n", 1) > 1:
         s += f" ± {100 * entry['std']:.1f}"
@@ -299,7 +301,8 @@ def report_markdown(report: dict) -> str:
         f"# TANS search: {report['dataset']['task']}",
         "",
         f"Space `{report['space']['run']}` (zoo `{report['space']['zoo']}`), constraints: {lim}. "
-        f"{report['dataset']['classes']} classes; train {report['dataset']['train']} / val {report['dataset']['val']} / "
+        f"{report['dataset']['classes']} classes; train {report['dataset']['train']} / "
+        f"val {report['dataset']['val']} / "
         f"test {report['dataset']['test']} images. Fine-tuned {report['settings']['finetune']} of the top "
         f"{report['settings']['top_k']} candidates for {report['settings']['epochs']} epoch(s), "
         f"{report['settings']['seeds']} seed(s); the winner is chosen on validation accuracy.",

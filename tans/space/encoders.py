@@ -10,7 +10,7 @@ No ``import ray`` here: this module is used by the training job, the retriever a
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

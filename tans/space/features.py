@@ -59,7 +59,7 @@ class ExtractorSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ExtractorSpec":
+    def from_dict(cls, data: dict) -> ExtractorSpec:
         return cls(**{k: data[k] for k in ("kind", "uri", "family", "image_size", "name", "sha256") if k in data})
 
 
@@ -146,7 +146,9 @@ def _resnet18_extractor(spec: ExtractorSpec) -> FeatureExtractor:
         raise ExtractorError(f"{spec.uri}: not a ResNet-18 state dict (tensor shapes differ)") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ExtractorError(f"{spec.uri}: not a ResNet-18 state dict (missing {missing[:2]}, unexpected {unexpected[:2]})")
+        raise ExtractorError(
+            f"{spec.uri}: not a ResNet-18 state dict (missing {missing[:2]}, unexpected {unexpected[:2]})"
+        )
     model.fc = nn.Identity()
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -7,7 +7,7 @@ measured accuracy. All functions return plain dicts of floats, ready for metrics
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import kendalltau

@@ -9,8 +9,8 @@ takes arrays so such a loader stays a few lines.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ class Retriever:
         self._extractor = None
 
     @classmethod
-    def load(cls, space_uri: str | None = None) -> "Retriever":
+    def load(cls, space_uri: str | None = None) -> Retriever:
         """The space at ``space_uri``: ``<root>/spaces/<run>``, a root (its LATEST) or a run name."""
         from tans.space.store import load_space
 

@@ -43,7 +43,7 @@ class ZooArrays:
         return len(self.model_ids)
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> "ZooArrays":
+    def from_table(cls, table: pa.Table) -> ZooArrays:
         def ints(name):
             return torch.tensor(table.column(name).to_pylist(), dtype=torch.long)
 
@@ -118,7 +118,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArray
     acc = zoo.accuracy[rows]
     # the best model of each task (its positive), as positions within `rows`
     best = []
-    for i, t in enumerate(tasks):
+    for t in tasks:
         own = np.flatnonzero(row_task == t)
         if own.size == 0:
             raise SpaceError(f"task {t!r} has no model in the zoo")
@@ -148,7 +148,9 @@ def index_embeddings(model: nn.Module, zoo: ZooArrays, batch: int = 4096) -> tor
     out = []
     for s in range(0, len(zoo), batch):
         sl = slice(s, s + batch)
-        out.append(enc(zoo.ks[sl].to(device), zoo.e[sl].to(device), zoo.d[sl].to(device), zoo.f_emb[sl].to(device)).cpu())
+        out.append(
+            enc(zoo.ks[sl].to(device), zoo.e[sl].to(device), zoo.d[sl].to(device), zoo.f_emb[sl].to(device)).cpu()
+        )
     enc.train(was)
     return torch.cat(out)
 

@@ -106,7 +106,11 @@ def finished_tasks(storage: Storage, zoo: str, generation: str = "") -> set[str]
     """Tasks whose part file exists (complete, since parts are written atomically)."""
     folder = f"{zoo_dir(zoo)}/{generation}" if generation else zoo_dir(zoo)
     prefix = f"{folder}/part-"
-    return {p[len(prefix) : -len(".parquet")] for p in storage.list(folder) if p.startswith(prefix) and p.endswith(".parquet")}
+    return {
+        p[len(prefix) : -len(".parquet")]
+        for p in storage.list(folder)
+        if p.startswith(prefix) and p.endswith(".parquet")
+    }
 
 
 def base_folder(zoo: str, generation: str = "") -> str:
@@ -161,7 +165,9 @@ def read_manifest(storage: Storage, zoo: str) -> ZooManifest:
     except CorruptArtifact:
         raise
     except StorageError:
-        raise ZooError(f"zoo {zoo!r} not found or unfinished in {storage.uri} (build it with `tans build-zoo`)") from None
+        raise ZooError(
+            f"zoo {zoo!r} not found or unfinished in {storage.uri} (build it with `tans build-zoo`)"
+        ) from None
 
 
 def read_zoo(storage: Storage, zoo: str) -> pa.Table:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import zlib
 import re
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +58,11 @@ class Arch:
         return {"ks": list(self.ks), "e": list(self.e), "d": list(self.d)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Arch":
+    def from_dict(cls, data: dict) -> Arch:
         """Inverse of :meth:`to_dict` (accepts lists or tuples)."""
         return cls(ks=tuple(data["ks"]), e=tuple(data["e"]), d=tuple(data["d"]))
 
-    def check(self, family: SupernetFamily) -> "Arch":
+    def check(self, family: SupernetFamily) -> Arch:
         """Raise ``ValueError`` unless every present block uses one of ``family``'s choices."""
         bad = [f"d={v}" for v in self.d if v not in family.d_choices]
         for i in range(N_SLOTS):
@@ -147,7 +147,9 @@ def set_arch(model: torch.nn.Module, arch: Arch) -> None:
     net = unwrap(model)
     per_stage = len(net.block_group_info[0])  # the family's largest depth (<= SLOTS_PER_STAGE)
     bad = [v for v in arch.d if v not in net.depth_list]
-    bad += [v for v in arch.ks if v and v not in net.ks_list] + [v for v in arch.e if v and v not in net.expand_ratio_list]
+    bad += [v for v in arch.ks if v and v not in net.ks_list] + [
+        v for v in arch.e if v and v not in net.expand_ratio_list
+    ]
     if bad:
         raise ValueError(f"arch uses choices this supernet lacks: {sorted(set(bad))} (ks {net.ks_list}, "
                          f"e {net.expand_ratio_list}, d {net.depth_list})")

@@ -189,7 +189,7 @@ def _read_checkpoint_bytes(uri: str) -> bytes:
             raise SupernetError(f"unknown OFA net id {net_id!r} (these fit a family: {', '.join(known)})")
         try:
             return _download_ofa(net_id)
-        except Exception as err:  # noqa: BLE001 - any network failure ends in the same advice
+        except Exception as err:  # any network failure ends in the same advice
             raise SupernetError(
                 f"could not download ofa:{net_id} ({_one_line(err)}); "
                 "download the checkpoint elsewhere and pass its path or s3:// URI instead"
@@ -198,7 +198,7 @@ def _read_checkpoint_bytes(uri: str) -> bytes:
         fs, path = resolve_filesystem(uri)
         with fs.open_input_stream(path) as f:
             return f.read()
-    except Exception as err:  # noqa: BLE001 - missing file, bad scheme, S3 down: one message
+    except Exception as err:  # missing file, bad scheme, S3 down: one message
         raise SupernetError(f"could not read checkpoint {uri} ({_one_line(err)})") from None
 
 
@@ -241,7 +241,7 @@ def load_initial_weights(model: torch.nn.Module, uri: str) -> dict:
     try:
         # weights_only: loading someone else's checkpoint must never run their code.
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt, truncated, or pickles code
+    except Exception as err:  # corrupt, truncated, or pickles code
         raise SupernetError(f"{uri}: not a readable weights-only PyTorch checkpoint ({_one_line(err, 120)})") from None
     return load_state(model, obj, source=uri)
 
@@ -274,7 +274,8 @@ def load_state(model: torch.nn.Module, obj: dict, source: str = "state dict") ->
         first = wrong[0]
         raise SupernetError(
             f"{source}: {len(wrong)} tensors have another shape than this supernet's (e.g. {first}: "
-            f"{tuple(_checkpoint_shape(state, first, keys))} vs {tuple(target[first].shape)}); is it for another family?"
+            f"{tuple(_checkpoint_shape(state, first, keys))} vs {tuple(target[first].shape)}); "
+            "is it for another family?"
         )
     if not loaded:
         raise SupernetError(f"{source}: no tensor matches this supernet (is it an OFA-MobileNetV3 checkpoint?)")

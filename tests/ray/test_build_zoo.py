@@ -102,7 +102,7 @@ def test_bad_input_is_one_line_and_leaves_no_zoo(tiny_root, tmp_path, overrides,
     name = "bad-zoo"
     proc = run_cli("build-zoo", "--config", TINY, "--root", str(tiny_root), f"name={name}", *overrides, timeout=500)
     assert proc.returncode != 0
-    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert not (tiny_root / "zoo" / name).exists()
 

@@ -18,9 +18,10 @@ def test_tiny_demo_prints_the_table_and_reuses_on_a_second_run(tiny_space):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[data] done: 5 tasks" in proc.stdout
     assert "reusing the finished space" in proc.stdout
-    header = "| dataset | TANS pick | scratch | scratch (matched compute) | generic | random | nearest | LogME | oracle | search time |"
+    header = ("| dataset | TANS pick | scratch | scratch (matched compute) | generic | random | nearest | LogME "
+              "| oracle | search time |")
     assert header in proc.stdout
-    row = next(l for l in proc.stdout.splitlines() if l.startswith("| clipart_0_9 |"))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| clipart_0_9 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 10 and all(c != "—" for c in cells[1:9]), row
     assert 0.0 <= float(cells[1].split("±")[0]) <= 100.0

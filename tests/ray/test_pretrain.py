@@ -160,7 +160,11 @@ def test_worker_failure_resumes_from_last_epoch_and_result_is_reused(ray_local, 
     model = get_family(FAMILY).build(5)
     model.load_state_dict(state)
     assert st.list_files("supernets/t-resume/base/tb", suffix="")  # TensorBoard event files
-    ckpts = [p for p in st.list("supernets/t-resume/base/ray_train/pretrain") if p.rsplit("/", 1)[-1].startswith("checkpoint_2")]
+    ckpts = [
+        p
+        for p in st.list("supernets/t-resume/base/ray_train/pretrain")
+        if p.rsplit("/", 1)[-1].startswith("checkpoint_2")
+    ]
     assert len(ckpts) == 2  # num_to_keep=2
 
     t0 = time.perf_counter()

@@ -165,7 +165,7 @@ def test_bad_input_is_one_line_and_writes_no_search(tiny_space, args, needle):
     root, _ = tiny_space
     before = set(os.listdir(root / "searches")) if (root / "searches").exists() else set()
     proc = run_cli("search", "--config", CFG, "--root", str(root), "--name", "bad", *args, timeout=300)
-    errors = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert proc.returncode != 0 and len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
     assert not (root / "searches" / "bad").exists()
     after = set(os.listdir(root / "searches")) if (root / "searches").exists() else set()

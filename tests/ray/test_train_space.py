@@ -104,7 +104,7 @@ def test_rerun_reuses_and_bad_input_is_one_line(tiny_space, tmp_path):
     for overrides, code, needle in cases:
         proc = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), *overrides,
                        timeout=300)
-        errors = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+        errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
         assert proc.returncode == code and len(errors) == 1 and needle in errors[0], (overrides, proc.stderr[-2000:])
     assert not (root / "spaces" / "bad1" / "space.json").exists()
     assert not (root / "spaces" / "bad2" / "space.json").exists()
@@ -137,11 +137,20 @@ def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, 
     old_answer = answer()
 
     # one writer per run: while another live process holds the run, the job exits in one line
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tans.lease import Lease\n"
-                               "from tans.storage import Storage\n"
-                               f"lease = Lease(Storage({str(root)!r}), 'spaces/{TINY_SPACE}', what='holder').acquire()\n"
-                               "print('HOLDING', flush=True)\ntime.sleep(300)\n"],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom tans.lease import Lease\n"
+            "from tans.storage import Storage\n"
+            f"lease = Lease(Storage({str(root)!r}), 'spaces/{TINY_SPACE}', what='holder').acquire()\n"
+            "print('HOLDING', flush=True)\ntime.sleep(300)\n",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "HOLDING"
         refused = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), "--force",

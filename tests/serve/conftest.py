@@ -41,8 +41,11 @@ def serve_root(tmp_path_factory):
 
 def app_config(root: Path, space: str) -> dict:
     """serve/config.yaml with the test's root, limits, CPU shares and space."""
-    return config_with(space=space, args={"root": str(root), **LIMITS},
-                       deployments={name: {"ray_actor_options": {"num_cpus": cpus}} for name, cpus in SMALL_CPU.items()})
+    return config_with(
+        space=space,
+        args={"root": str(root), **LIMITS},
+        deployments={name: {"ray_actor_options": {"num_cpus": cpus}} for name, cpus in SMALL_CPU.items()},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -135,9 +135,12 @@ def test_image_decoding_rules():
 
 def test_multipart_parsing_keeps_binary_parts_intact():
     png = _png()
-    prepared = requests.Request("POST", "http://127.0.0.1/", files=[("images", ("a.png", png, "image/png")),
-                                                                    ("images", ("b.png", png + b"\r\n--x", "image/png"))],
-                                data={"labels": ["0", "1"], "k": "3", "family": "ofa_mbv3_tiny"}).prepare()
+    prepared = requests.Request(
+        "POST",
+        "http://127.0.0.1/",
+        files=[("images", ("a.png", png, "image/png")), ("images", ("b.png", png + b"\r\n--x", "image/png"))],
+        data={"labels": ["0", "1"], "k": "3", "family": "ofa_mbv3_tiny"},
+    ).prepare()
     req, files = parse_multipart_request(prepared.body, prepared.headers["Content-Type"])
     assert files == [png, png + b"\r\n--x"]
     assert req.labels == [0, 1] and req.k == 3 and req.family == "ofa_mbv3_tiny"

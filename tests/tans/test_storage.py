@@ -49,14 +49,12 @@ def test_round_trip_bytes_json_parquet(storage):
 @pytest.mark.timeout(120)
 def test_interrupted_write_leaves_no_file(storage):
     storage.write_text("keep.txt", "old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with storage.atomic_writer("new.txt") as f:
-            f.write(b"half of it")
-            raise RuntimeError("boom")
-    with pytest.raises(RuntimeError):
-        with storage.atomic_writer("keep.txt") as f:
-            f.write(b"replacement that never commits")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), storage.atomic_writer("new.txt") as f:
+        f.write(b"half of it")
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), storage.atomic_writer("keep.txt") as f:
+        f.write(b"replacement that never commits")
+        raise RuntimeError("boom")
     assert not storage.exists("new.txt")
     assert storage.read_bytes("keep.txt") == b"old"
     assert storage.list() == ["keep.txt"]

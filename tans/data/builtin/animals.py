@@ -52,12 +52,12 @@ def _load(filename: str) -> np.ndarray:
         return np.asarray(_ArrayUnpickler(f).load())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _labels() -> np.ndarray:
     return _load(FILES[1]).astype(np.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _images() -> np.ndarray:
     return _load(FILES[0]).astype(np.uint8)
 

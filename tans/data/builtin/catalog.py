@@ -93,7 +93,12 @@ def resolve(spec: str) -> list[TaskSpec]:
 
 
 def materialise(
-    storage: Storage, spec: TaskSpec, image_size: int = 0, force: bool = False, part_rows: int = 5000, config: dict | None = None
+    storage: Storage,
+    spec: TaskSpec,
+    image_size: int = 0,
+    force: bool = False,
+    part_rows: int = 5000,
+    config: dict | None = None,
 ) -> IngestReport:
     """Render/load one built-in task and write it to ``storage``; returns an IngestReport.
 

@@ -41,11 +41,11 @@ def usable(path: str) -> bool:
                     return False
                 im.verify()
         return True
-    except Exception:  # noqa: BLE001 - any failure to read the header means "skip this file"
+    except Exception:  # any failure to read the header means "skip this file"
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _catalogue() -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
     """(class names, usable files sorted by path, class index of each file)."""
     names, files, labels = [], [], []

@@ -18,7 +18,7 @@ from tans.data.builtin.indexed import IndexedSource
 SIZE = 32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits():
     from sklearn.datasets import load_digits  # imported here: sklearn is slow to import
 

@@ -51,12 +51,12 @@ class Fashion(IndexedSource):
     def class_names(self) -> list[str]:
         return list(CLASSES)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - sources live as long as the process
+    @functools.cache  # noqa: B019 - sources live as long as the process
     def item_labels(self) -> np.ndarray:
         # Items are the train images, then the test images.
         return np.concatenate([read_idx(os.path.join(ROOT, FILES[s][1])) for s in ("train", "test")])
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - sources live as long as the process
+    @functools.cache  # noqa: B019 - sources live as long as the process
     def assignment(self) -> np.ndarray:
         labels = self.item_labels()
         n_train = len(labels) - len(read_idx(os.path.join(ROOT, FILES["test"][1])))

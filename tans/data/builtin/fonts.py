@@ -105,7 +105,7 @@ class FontSource(BuiltinSource):
     def packages_used(self) -> list[str]:
         return sorted({face.package for face, _, _ in self.fonts()})
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - sources live as long as the process
+    @functools.cache  # noqa: B019 - sources live as long as the process
     def fonts(self) -> tuple[tuple[fontscan.Face, str, bool], ...]:
         """``(face, group, is_test)`` for every font used, sorted by path; split seeded by group."""
         canvas = OUT * SUPER

@@ -70,7 +70,7 @@ def package_files(package: str) -> list[str]:
     return []
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def all_faces(packages: tuple[str, ...]) -> tuple[Face, ...]:
     """Every TrueType/OpenType face of the Debian ``packages``, sorted by path.
 
@@ -106,7 +106,7 @@ def _cmap_table(path: str, index: int) -> bytes | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cmap_lookup(path: str, index: int):
     """A function code point -> glyph id (0 if unmapped) from the best format 4/12 subtable."""
     table = _cmap_table(path, index)
@@ -185,7 +185,7 @@ def group_key(face: Face, font: ImageFont.FreeTypeFont) -> str:
     return CLONES.get(family, family)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def usable_faces(chars: str, packages: tuple[str, ...], size: int, canvas: int,
                  baseline: float) -> tuple[tuple[Face, str], ...]:
     """``(face, group)`` of the faces of ``packages`` that draw every one of ``chars``.

@@ -42,7 +42,7 @@ class IndexedSource(BuiltinSource):
         """A fixed seed that depends on the source name and ``parts``."""
         return zlib.crc32(":".join(map(str, (self.name, *parts))).encode())
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - sources live as long as the process
+    @functools.cache  # noqa: B019 - sources live as long as the process
     def assignment(self) -> np.ndarray:
         """Per item: 0 unused, 1 train, 2 test."""
         labels = self.item_labels()

@@ -24,7 +24,7 @@ def data_path() -> str | None:
     return os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table() -> np.ndarray:
     # One row per image: 784 pixel values then the label, all small integers.
     return np.loadtxt(data_path(), delimiter=",", dtype=np.uint8)

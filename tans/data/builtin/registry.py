@@ -23,7 +23,7 @@ _MODULES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sources() -> tuple[BuiltinSource, ...]:
     sources = [getattr(importlib.import_module(module), cls)()
                for module, classes in _MODULES.items() for cls in classes]

@@ -9,7 +9,7 @@ import pytest
 
 from tans.data.ingest import IngestError, ingest_imagefolder
 from tans.data.reader import iter_batches, load_task_tensors
-from tans.data.tasks import read_split, read_task_info, decode_png
+from tans.data.tasks import decode_png, read_split, read_task_info
 from tans.storage import Storage
 from tests.conftest import make_imagefolder, run_cli
 
@@ -41,14 +41,17 @@ def test_imagefolder_round_trip(tmp_path):
     # the same seed gives the same split
     st2 = Storage(str(tmp_path / "root2"))
     ingest_imagefolder(st2, str(src), "pets", image_size=16, test_fraction=0.25, seed=1)
-    assert read_split(st2, "pets", "test").column("image").to_pylist() == read_split(st, "pets", "test").column("image").to_pylist()
+    assert (
+        read_split(st2, "pets", "test").column("image").to_pylist()
+        == read_split(st, "pets", "test").column("image").to_pylist()
+    )
 
     # the reader yields normalised 3-channel tensors in shards
     data = load_task_tensors(st, "pets", "train", image_size=24, channels=3)
     assert tuple(data.images.shape) == (20, 3, 24, 24)
     batches = list(iter_batches(data, batch_size=4, shuffle=True, seed=0, rank=1, world_size=2, drop_last=True))
     assert sum(len(y) for _, y in batches) == 8 and all(x.shape[0] == 4 for x, _ in batches)
-    assert -1.0 <= float(batches[0][0].min()) and float(batches[0][0].max()) <= 1.0
+    assert float(batches[0][0].min()) >= -1.0 and float(batches[0][0].max()) <= 1.0
 
 
 @pytest.mark.timeout(60)

@@ -87,7 +87,7 @@ def test_tiny_space_generalises_to_held_out_tasks():
     params = [*qenc.parameters(), *menc.parameters(), *pred.parameters()]
     opt = torch.optim.Adam(params, lr=LR)
     start = time.monotonic()
-    for step in range(STEPS):
+    for _ in range(STEPS):
         q = qenc.encode_many([_query(z[t], P, gen) for t in train])  # one fresh query per train task
         m_all = menc(zoo["ks"][train_rows], zoo["e"][train_rows], zoo["d"][train_rows], zoo["f_emb"][train_rows])
         m_pos = menc(zoo["ks"][best], zoo["e"][best], zoo["d"][best], zoo["f_emb"][best])

@@ -104,10 +104,23 @@ def _toy_zoo(n_tasks=3, per_task=4, f_dim=448, seed=0):
             d = [int(v) for v in rng.choice([2, 3], 5)]
             ks = [int(rng.choice([3, 5])) for _ in range(20)]
             e = [int(rng.choice([3, 4])) for _ in range(20)]
-            rows.append({"model_id": f"m{t}-{m}", "task": f"t{t}", "family": "ofa_mbv3_tiny", "ks": ks, "e": e, "d": d,
-                         "accuracy": float(rng.uniform(0.3, 0.9)), "n_params": int(rng.integers(1e5, 1e6)),
-                         "flops": int(rng.integers(1e6, 1e7)), "f_emb": rng.normal(size=f_dim).astype(np.float32).tolist(),
-                         "supernet_uri": "x", "image_size": 32, "created_at": ""})
+            rows.append(
+                {
+                    "model_id": f"m{t}-{m}",
+                    "task": f"t{t}",
+                    "family": "ofa_mbv3_tiny",
+                    "ks": ks,
+                    "e": e,
+                    "d": d,
+                    "accuracy": float(rng.uniform(0.3, 0.9)),
+                    "n_params": int(rng.integers(1e5, 1e6)),
+                    "flops": int(rng.integers(1e6, 1e7)),
+                    "f_emb": rng.normal(size=f_dim).astype(np.float32).tolist(),
+                    "supernet_uri": "x",
+                    "image_size": 32,
+                    "created_at": "",
+                }
+            )
     return pa.Table.from_pylist(rows, schema=ZOO_SCHEMA)
 
 
@@ -136,7 +149,9 @@ def test_a_saved_space_loads_into_the_same_retriever(tmp_path):
     y = torch.arange(4).repeat(5)
     a, b = loaded.retrieve(x, y, k=5), direct.retrieve(x, y, k=5)
     assert [c.model_id for c in a.candidates] == [c.model_id for c in b.candidates]
-    assert [round(c.predicted_accuracy, 5) for c in a.candidates] == [round(c.predicted_accuracy, 5) for c in b.candidates]
+    assert [round(c.predicted_accuracy, 5) for c in a.candidates] == [
+        round(c.predicted_accuracy, 5) for c in b.candidates
+    ]
     assert loaded.info["run"] == "run1" and loaded.row_of("m1-2") is not None and loaded.row_of("nope") is None
     with pytest.raises(ValueError, match="feature size"):
         loaded.retrieve(torch.randn(8, 15), torch.arange(2).repeat(4), k=3)

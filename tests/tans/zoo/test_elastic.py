@@ -20,7 +20,9 @@ TINY = get_family("ofa_mbv3_tiny")
 def colour_noise_task(n: int, classes: int = 4, size: int = 32, seed: int = 0) -> TaskTensors:
     """Each class is a colour (one of a few RGB means) under heavy per-pixel noise."""
     gen = torch.Generator().manual_seed(seed)
-    palette = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [40, 200, 200], [200, 40, 200]])
+    palette = torch.tensor(
+        [[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40], [40, 200, 200], [200, 40, 200]]
+    )
     labels = torch.randperm(n, generator=gen) % classes
     means = palette[:classes].float()[labels][:, :, None, None]
     images = (torch.randn(n, 3, size, size, generator=gen) * 60 + means).clamp(0, 255).to(torch.uint8)
@@ -80,7 +82,7 @@ def test_train_supernet_learns_a_tiny_task():
     logged, epochs = [], []
     result = train_supernet(model, train, TINY, steps=30, batch_size=32, lr=0.05, seed=0,
                             log=lambda step, m: logged.append((step, m)),
-                            on_epoch_end=lambda epoch, step: epochs.append((epoch, step)))
+                            on_epoch_end=lambda epoch, step, epochs=epochs: epochs.append((epoch, step)))
     losses = result["losses"]
     assert result["steps"] == 30 and len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
@@ -155,6 +157,6 @@ def test_uneven_shards_take_the_same_number_of_steps_per_epoch():
     for rank in (0, 1):
         epochs = []
         train_supernet(TINY.build(4), data, TINY, steps=5, batch_size=4, lr=0.01, seed=0, rank=rank, world_size=2,
-                       on_epoch_end=lambda epoch, step: epochs.append((epoch, step)))
+                       on_epoch_end=lambda epoch, step, epochs=epochs: epochs.append((epoch, step)))
         steps[rank] = epochs
     assert steps[0] == steps[1] == [(epoch, epoch + 1) for epoch in range(5)]

@@ -104,8 +104,10 @@ def test_ddp_prefix_and_ofa_legacy_names_are_understood(tmp_path):
     fam = get_family("ofa_mbv3_tiny")
     src = _trained_like(fam.build(4))
     # The released OFA checkpoints name MBConv layers ".mobile_inverted_conv." and DDP adds "module.".
-    state = {"module." + k.replace(".conv.", ".mobile_inverted_conv.", 1) if k.startswith("blocks.") else "module." + k: v
-             for k, v in src.state_dict().items()}
+    state = {
+        "module." + k.replace(".conv.", ".mobile_inverted_conv.", 1) if k.startswith("blocks.") else "module." + k: v
+        for k, v in src.state_dict().items()
+    }
     path = tmp_path / "legacy.pt"
     torch.save({"state_dict": state}, path)
     dst = fam.build(4)
