@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import os
 import threading
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,7 +87,7 @@ When the service has a token (environment variable `TANS_SERVE_TOKEN` by default
 except `/v1/healthz` needs `Authorization: Bearer <token>`, these docs and `/openapi.json` included.
 """
 
-ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in [
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody, "description": text} for code, text in [
     (400, "malformed request (says which field)"), (401, "missing or wrong bearer token"),
     (404, "unknown model or dataset"),
     (413, "too many images, or body, image or the request's decoded pixels over their limit"),
@@ -271,6 +272,8 @@ class Ingress:
         if not has_images:
             raise ApiError(400, "images (with labels) or dataset: one of them is required")
         raw = files if files is not None else req.images
+        if raw is None:  # cannot happen: has_images
+            raise ApiError(400, "images (with labels) or dataset: one of them is required")
         check_count(len(raw), args.max_images)
         labels = check_labels(req.labels, len(raw))
         # 1. headers only: formats, sizes and the pixel budget, before any pixel is decoded
@@ -406,9 +409,16 @@ def build_app(args: AppArgs, deployment_options: dict | None = None):
     opts = {name: dict((deployment_options or {}).get(name, {})) for name in ("Encoder", "Index", "Ingress")}
     for name in ("Encoder", "Index"):
         opts[name].setdefault("user_config", {"space": args.space})
-    encoder = Encoder.options(**opts["Encoder"]).bind(args)
-    index = Index.options(**opts["Index"]).bind(args)
-    return Ingress.options(**opts["Ingress"]).bind(encoder, index, args, token_sha256)
+    encoder = _deployment(Encoder).options(**opts["Encoder"]).bind(args)
+    index = _deployment(Index).options(**opts["Index"]).bind(args)
+    return _deployment(Ingress).options(**opts["Ingress"]).bind(encoder, index, args, token_sha256)
+
+
+def _deployment(decorated: object) -> serve.Deployment:
+    """A ``@serve.deployment`` class as what it is at run time (a type checker keeps its class type)."""
+    if not isinstance(decorated, serve.Deployment):
+        raise TypeError(f"{decorated!r} is not a Serve deployment")
+    return decorated
 
 
 def app_builder(args: AppArgs):

@@ -45,7 +45,10 @@ def apply_config(config: dict, timeout_s: float = 240) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     # the call `serve deploy` makes through the dashboard and `serve run config.yaml` makes directly
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
+    client = _get_global_client()  # raises RayServeException when no Serve is running
+    if client is None:
+        raise RuntimeError("no running Ray Serve to deploy on")
+    client.deploy_apps(ServeDeploySchema.model_validate(config))
     names = [a["name"] for a in config["applications"]]
     deadline = time.monotonic() + timeout_s
     states: dict = {}

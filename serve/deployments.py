@@ -166,8 +166,9 @@ class Encoder(_SpaceHolder):
         return load_encoder_space(uri, device=self.device)
 
     def _set_batch(self, max_images: int, wait_s: float) -> None:
-        self._features_batched.set_max_batch_size(max_images)
-        self._features_batched.set_batch_wait_timeout_s(wait_s)
+        # Ray's annotation of @serve.batch omits the setters its docs describe on the decorated method.
+        self._features_batched.set_max_batch_size(max_images)  # type: ignore[attr-defined]
+        self._features_batched.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 
     def _apply(self, config: EncoderConfig) -> None:
         if config.batching is not None:
@@ -193,7 +194,10 @@ class Encoder(_SpaceHolder):
                 sizes = [int(chunks[i].images.shape[0]) for i in members]
                 for i, part in zip(members, torch.split(feats, sizes)):
                     out[i] = part
-            return out
+            done = [t for t in out if t is not None]
+            if len(done) != len(out):  # cannot happen: every chunk is in exactly one group
+                raise RuntimeError(f"features of {len(out) - len(done)} of {len(out)} chunks were not computed")
+            return done
 
         return await asyncio.to_thread(run)
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
+from email.utils import collapse_rfc2231_value
 from typing import Annotated, Literal
 
 import numpy as np
@@ -138,8 +139,11 @@ def parse_multipart_request(body: bytes, content_type: str) -> tuple[RetrieveReq
     fields: dict[str, list[str]] = {}
     files: list[bytes] = []
     for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
+        param = part.get_param("name", header="content-disposition")
+        # an RFC 2231 value (name*=utf-8''...) comes as a (charset, language, text) tuple
+        name = collapse_rfc2231_value(param) if isinstance(param, tuple) else param
+        decoded = part.get_payload(decode=True)  # bytes for a leaf part, None for a nested multipart
+        payload = decoded if isinstance(decoded, bytes) else b""
         if name in ("images", "files"):
             files.append(payload)
         elif name:

@@ -82,6 +82,8 @@ def _set_nested(raw: dict[str, Any], keys: list[str], value: Any, what: str) -> 
 
 
 def _build(cls: type[T], raw: dict[str, Any], prefix: str, source: str) -> T:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for key in raw:
@@ -113,7 +115,7 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return _coerce_union(typing.get_args(tp), value, key, source)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: key '{key}' must be a mapping, got {value!r}")
         return _build(tp, value, prefix=f"{key}.", source=source)

@@ -227,7 +227,7 @@ class Lease:
         for _ in range(5):  # a lost race re-reads; a few rounds settle any interleaving
             data = self._record()
             if self.backend.create(data):
-                self.etag = self.backend.read()[1]
+                self.etag = self._written_etag()
                 return self._started()
             current = self.backend.read()
             if current is None:
@@ -238,11 +238,18 @@ class Lease:
                 raise LeaseHeld(f"{self.storage.uri_of(self.run_dir)} is being written by {self.describe(owner)}; "
                                 f"wait for it, or remove {self.storage.uri_of(self.rel)} if that process is gone")
             if self.backend.replace(data, current[1]):
-                self.etag = self.backend.read()[1]
+                self.etag = self._written_etag()
                 self.took_over = {**owner, "reason": reason}
                 print(f"[lease] took over {self.storage.uri_of(self.rel)}: {reason}", flush=True)
                 return self._started()
         raise LeaseHeld(f"{self.storage.uri_of(self.run_dir)}: another writer keeps taking the lease; try again")
+
+    def _written_etag(self) -> str:
+        """The etag of the lease file this process has just written."""
+        current = self.backend.read()
+        if current is None:
+            raise LeaseLost(f"{self.storage.uri_of(self.rel)}: removed by another process right after it was written")
+        return current[1]
 
     def _started(self) -> Lease:
         # The content we wrote is ours; re-read it so a server that ignored a condition is caught now.
@@ -253,12 +260,11 @@ class Lease:
 
     def _verify(self) -> bool:
         current = self.backend.read()
-        mine = current is not None and self._parse(current[0]).get("token") == self.token
-        if mine:
+        if current is not None and self._parse(current[0]).get("token") == self.token:
             self.etag = current[1]
-        else:
-            self.lost = True
-        return mine
+            return True
+        self.lost = True
+        return False
 
     def _beat(self) -> None:
         interval = max(0.05, self.ttl_s / 4)

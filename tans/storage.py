@@ -17,6 +17,7 @@ for S3-compatible servers; never from a file in the repository.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
@@ -182,7 +183,7 @@ class Storage:
             out.append(name)
         return sorted(out)
 
-    def list_files(self, rel: str = "", suffix: str = "") -> list[str]:
+    def list_files(self, rel: str = "", suffix: str = "") -> builtins.list[str]:  # list: the method above
         """Files (recursively) under ``rel`` whose names end with ``suffix``."""
         return [p for p in self.list(rel, recursive=True) if p.endswith(suffix) and self.is_file(p)]
 
@@ -200,7 +201,7 @@ class Storage:
         except (UnicodeDecodeError, ValueError) as exc:
             raise self.corrupt(rel, f"not valid JSON ({exc.__class__.__name__})") from None
 
-    def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+    def read_parquet(self, rel: str, columns: builtins.list[str] | None = None) -> pa.Table:
         if not self.is_file(rel):
             raise StorageError(f"{self.uri_of(rel)}: no such file")
         try:

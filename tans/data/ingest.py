@@ -225,7 +225,10 @@ def ingest_imagefolder(
         test_mask = seeded_test_mask(len(idx), test_fraction, seed * 7919 + i)
         for j, is_test in zip(idx, test_mask):
             split = "test" if is_test else "train"
-            images[split].append(decoded[j].grey if all_grey else decoded[j].rgb)
+            png = decoded[j].grey if all_grey else decoded[j].rgb
+            if png is None:  # cannot happen: `ok` and `all_grey` checked it
+                raise IngestError(f"{paths[j]}: decoded without {'grey' if all_grey else 'RGB'} PNG bytes")
+            images[split].append(png)
             split_labels[split].append(i)
     info = TaskInfo(
         name=name,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -99,7 +99,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def decode_png(data: bytes, channels: int | None = None) -> np.ndarray:
     """Decode image bytes to ``uint8`` ``HxW`` (channels=1) or ``HxWx3`` (channels=3)."""
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     if channels == 1:
         img = img.convert("L")
     elif channels == 3:
@@ -110,8 +110,8 @@ def decode_png(data: bytes, channels: int | None = None) -> np.ndarray:
 def write_task(
     storage: Storage,
     info: TaskInfo,
-    images: dict[str, Sequence[bytes]],
-    labels: dict[str, Sequence[int]],
+    images: Mapping[str, Sequence[bytes]],
+    labels: Mapping[str, Sequence[int]],
     part_rows: int = 5000,
     force: bool = False,
 ) -> TaskInfo:

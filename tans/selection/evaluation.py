@@ -124,7 +124,7 @@ def tans_search_pick(finetuned: list[str], val_accuracy: dict[str, float | None]
     ``val_accuracy`` comes from the ground-truth fine-tunes, which use the search's own recipe,
     split and seed, so it is the validation accuracy the search would have seen.
     """
-    done = [(m, val_accuracy.get(m)) for m in finetuned if val_accuracy.get(m) is not None]
+    done = [(m, v) for m in finetuned if (v := val_accuracy.get(m)) is not None]
     if not done:
         return None
     best = max(v for _, v in done)

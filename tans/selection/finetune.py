@@ -24,6 +24,7 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,8 @@ def read_body_state(weights_uri: str) -> dict[str, torch.Tensor]:
 
 def _extract(supernet: nn.Module, arch: Arch, num_classes: int, seed: int, preserve_weight: bool) -> nn.Module:
     set_arch(supernet, arch)
-    sub = unwrap(supernet).get_active_subnet(preserve_weight=preserve_weight)
+    ofa: Any = unwrap(supernet)  # an OFAMobileNetV3 (untyped)
+    sub = ofa.get_active_subnet(preserve_weight=preserve_weight)
     torch.manual_seed(seed)  # the head depends on the seed only, not on what built the body
     new_head(sub, num_classes)
     return fast_layout(sub)  # the exported layers are plain NCHW convolutions again
@@ -141,7 +143,7 @@ def build_candidate(
     with _fork_rng():
         torch.manual_seed(seed)
         supernet = family.build(num_classes, dropout=dropout)
-        if body is not None:
+        if body is not None and weights_uri:  # body is read only when there is a uri
             report = load_state(supernet, body, source=weights_uri)
             missing = [k for k in report["missing"]
                        if not k.startswith("classifier.") and not k.endswith("num_batches_tracked")]
@@ -165,7 +167,7 @@ def build_structure(family_name: str, arch: Arch, num_classes: int, dropout: flo
 
 def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Penultimate features (the classifier's input) of a standalone subnet or a supernet."""
-    net = unwrap(model)
+    net: Any = unwrap(model)  # an OFA network (untyped): a supernet or an exported MobileNetV3
     if hasattr(net, "runtime_depth"):  # an OFA supernet: its active subnet
         return forward_features(net, x)
     x = net.first_conv(x)

@@ -224,7 +224,7 @@ def logme_sample(pool: np.ndarray, max_models: int, seed: int) -> np.ndarray:
 # -- the report ------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float]) -> dict:
+def _mean_std(values: list[float | None]) -> dict:
     arr = np.asarray([v for v in values if v is not None], dtype=float)
     if arr.size == 0:
         return {"test_accuracy": None, "std": None, "n": 0}
@@ -239,13 +239,14 @@ def summarise_candidates(results: list[TrialResult]) -> list[dict]:
     out = []
     for (model_id, lr), rs in by_model.items():
         s = rs[0].spec
-        ok = [r for r in rs if r.status != "failed" and r.val_accuracy]
+        # val and test accuracies are recorded together, one of each per epoch
+        ok = [r for r in rs if r.status != "failed" and r.val_accuracy and r.test_accuracy]
         entry = {
             "model_id": model_id, "task": s.task, "n_params": s.n_params, "flops": s.flops, "lr": lr,
             "similarity": s.similarity, "predicted_accuracy": s.predicted_accuracy,
-            "val_accuracy": float(np.mean([r.final_val for r in ok])) if ok else None,
-            "test_accuracy": float(np.mean([r.final_test for r in ok])) if ok else None,
-            "test_std": float(np.std([r.final_test for r in ok])) if ok else None,
+            "val_accuracy": float(np.mean([r.val_accuracy[-1] for r in ok])) if ok else None,
+            "test_accuracy": float(np.mean([r.test_accuracy[-1] for r in ok])) if ok else None,
+            "test_std": float(np.std([r.test_accuracy[-1] for r in ok])) if ok else None,
             "epoch_accuracy": [float(v) for v in np.mean([r.test_accuracy for r in ok], axis=0)] if ok else [],
             "epoch_val_accuracy": [float(v) for v in np.mean([r.val_accuracy for r in ok], axis=0)] if ok else [],
             "seeds": len(rs),

@@ -150,6 +150,11 @@ class ModelEncoder(nn.Module):
     task's data; the pattern across units is what carries the function) and concatenated before the MLP.
     """
 
+    # Buffers (registered in __init__), declared for the type checker.
+    ks_table: torch.Tensor
+    e_table: torch.Tensor
+    d_table: torch.Tensor
+
     def __init__(self, family, embed_dim: int = 128, hidden: int = 256):
         super().__init__()
         self.ks_choices, self.e_choices, self.d_choices, self.f_emb_dim = _choices(family)

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
 from tans.space.encoders import PerformancePredictor, QueryEncoder, SpaceError
+
+if TYPE_CHECKING:
+    from tans.space.features import FeatureExtractor
 
 
 class UnsatisfiableConstraint(SpaceError):
@@ -95,17 +100,19 @@ class Retriever:
 
     Arrays are row-aligned: ``model_ids``, ``tasks``, ``families`` (strings), ``n_params``,
     ``flops`` (ints), ``embeddings`` (N x D unit vectors from the ModelEncoder).
+    ``query_encoder`` maps (features, labels) to a query embedding: a :class:`QueryEncoder`, or a
+    stand-in module (the server passes one whose "features" are an already computed embedding).
     """
 
     def __init__(
         self,
-        model_ids: Sequence[str],
-        tasks: Sequence[str],
+        model_ids: Sequence[str] | np.ndarray,
+        tasks: Sequence[str] | np.ndarray,
         n_params,
         flops,
-        families: Sequence[str],
+        families: Sequence[str] | np.ndarray,
         embeddings,
-        query_encoder: QueryEncoder,
+        query_encoder: QueryEncoder | nn.Module,
         predictor: PerformancePredictor,
         info: dict | None = None,
         extractor_spec=None,
@@ -128,7 +135,7 @@ class Retriever:
         self.info = dict(info or {})  # space.json plus `run` and `uri` when loaded from storage
         self.extractor_spec = extractor_spec  # how queries are made from images (tans.space.features)
         self.index_table = index_table  # the index's Arrow table (zoo columns), when loaded
-        self._extractor = None
+        self._extractor: FeatureExtractor | None = None
 
     @classmethod
     def load(cls, space_uri: str | None = None) -> Retriever:
@@ -138,7 +145,7 @@ class Retriever:
         return load_space(space_uri)
 
     @property
-    def extractor(self):
+    def extractor(self) -> FeatureExtractor:
         """The space's frozen feature extractor (built on first use)."""
         if self._extractor is None:
             if self.extractor_spec is None:

@@ -13,6 +13,7 @@ batch's tasks paired with that task's query.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import pyarrow as pa
@@ -79,14 +80,19 @@ class SpaceModel(nn.Module):
         return q, m, self.predictor(q[query_of_row], m)
 
 
+def _unwrap(model: nn.Module) -> SpaceModel:
+    """The SpaceModel inside a DDP (or similar) wrapper; the model itself otherwise."""
+    return cast(SpaceModel, getattr(model, "module", model))
+
+
 def subsample_query(features: np.ndarray, labels: np.ndarray, per_class: int, gen: np.random.Generator):
     """A random ``per_class`` images of each class of a stored query (all of a smaller class)."""
     rows = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rows.append(gen.choice(idx, size=min(per_class, idx.size), replace=False))
-    rows = np.concatenate(rows)
-    return features[rows], labels[rows]
+    picked = np.concatenate(rows)
+    return features[picked], labels[picked]
 
 
 def pad_means(queries: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +114,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArray
     """One optimisation step on ``tasks`` (each must have >= 1 zoo row and a stored query)."""
     if len(tasks) < 2:
         raise SpaceError("a training step needs at least 2 tasks (the others are its negatives)")
-    inner = getattr(model, "module", model)
-    feature_dim = feature_dim or inner.query_encoder.feature_dim
+    inner = _unwrap(model)
+    dim = feature_dim or inner.query_encoder.feature_dim
     batch = [subsample_query(*queries[t], per_class, gen) for t in tasks]
-    means, mask = pad_means(batch, feature_dim)
+    means, mask = pad_means(batch, dim)
     rows = zoo.rows_of(tasks)
     row_task = zoo.tasks[rows]
     query_of_row = torch.tensor([tasks.index(t) for t in row_task])
@@ -140,7 +146,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArray
 @torch.no_grad()
 def index_embeddings(model: nn.Module, zoo: ZooArrays, batch: int = 4096) -> torch.Tensor:
     """Model embeddings of every zoo row (N x D), in eval mode."""
-    inner = getattr(model, "module", model)
+    inner = _unwrap(model)
     enc = inner.model_encoder
     was = enc.training
     enc.eval()
@@ -158,7 +164,7 @@ def index_embeddings(model: nn.Module, zoo: ZooArrays, batch: int = 4096) -> tor
 @torch.no_grad()
 def evaluate_space(model: nn.Module, zoo: ZooArrays, val_queries: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict:
     """metrics.json's ``val`` object: each val task's full stored query against the full index."""
-    inner = getattr(model, "module", model)
+    inner = _unwrap(model)
     was = inner.training
     inner.eval()
     val_tasks = list(val_queries)

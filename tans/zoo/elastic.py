@@ -51,7 +51,8 @@ def autocast(device: str | torch.device, precision: str = "fp32") -> torch.autoc
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 3e-5) -> torch.optim.SGD:
     """SGD with Nesterov momentum; no weight decay on BatchNorm parameters and biases."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if not param.requires_grad:
             continue

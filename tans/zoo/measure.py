@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,12 +48,13 @@ _COUNT_CACHE: dict[tuple, int] = {}
 
 
 def _structure(net: nn.Module) -> tuple:
-    return (type(net).__name__, net.width_mult, tuple(net.ks_list), tuple(net.expand_ratio_list), tuple(net.depth_list))
+    ofa: Any = net  # an OFAMobileNetV3: its choice lists are untyped attributes
+    return (type(ofa).__name__, ofa.width_mult, tuple(ofa.ks_list), tuple(ofa.expand_ratio_list), tuple(ofa.depth_list))
 
 
 def _headless_subnet(model: nn.Module, arch: Arch) -> nn.Module:
     """The exported static subnet of ``arch`` with its classifier replaced by the identity."""
-    net = unwrap(model)
+    net: Any = unwrap(model)  # an OFAMobileNetV3 (untyped)
     set_arch(net, arch)
     # preserve_weight=False: only the shapes matter for counting, so skip copying weights.
     sub = net.get_active_subnet(preserve_weight=False)

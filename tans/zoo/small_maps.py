@@ -140,10 +140,11 @@ def plain_copy(model: nn.Module) -> nn.Module:
     """
     if not any(isinstance(m, (CroppedDepthwiseConv2d, CroppedSeparableConv2d)) for m in model.modules()):
         return model
+    plain: dict[type[nn.Module], type[nn.Module]] = {
+        CroppedDepthwiseConv2d: nn.Conv2d, CroppedSeparableConv2d: DynamicSeparableConv2d}
     copy = deepcopy(model)
     for m in copy.modules():
-        if type(m) is CroppedDepthwiseConv2d:
-            m.__class__ = nn.Conv2d
-        elif type(m) is CroppedSeparableConv2d:
-            m.__class__ = DynamicSeparableConv2d
+        cls = plain.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
     return copy

@@ -20,6 +20,7 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -44,13 +45,13 @@ class Arch:
                              f"got {len(ks)}, {len(e)}, {len(d)}")
         if any(not 1 <= depth <= SLOTS_PER_STAGE for depth in d):
             raise ValueError(f"depths must be between 1 and {SLOTS_PER_STAGE}, got {list(d)}")
-        ks, e = list(ks), list(e)
+        ks_slots, e_slots = list(ks), list(e)
         for i in range(N_SLOTS):
             if i % SLOTS_PER_STAGE >= d[i // SLOTS_PER_STAGE]:
-                ks[i] = e[i] = 0  # absent block: canonical value
+                ks_slots[i] = e_slots[i] = 0  # absent block: canonical value
         # frozen dataclass: canonicalise in place once, so equality and hashing see the canonical form
-        object.__setattr__(self, "ks", tuple(ks))
-        object.__setattr__(self, "e", tuple(e))
+        object.__setattr__(self, "ks", tuple(ks_slots))
+        object.__setattr__(self, "e", tuple(e_slots))
         object.__setattr__(self, "d", d)
 
     def to_dict(self) -> dict[str, list[int]]:
@@ -144,7 +145,7 @@ def task_archs(family: SupernetFamily, m: int, seed: int, task: str, per_task: b
 
 def set_arch(model: torch.nn.Module, arch: Arch) -> None:
     """Make ``arch`` the active subnet of ``model`` (an OFA-MobileNetV3, possibly DDP-wrapped)."""
-    net = unwrap(model)
+    net: Any = unwrap(model)  # an OFAMobileNetV3 (untyped)
     per_stage = len(net.block_group_info[0])  # the family's largest depth (<= SLOTS_PER_STAGE)
     bad = [v for v in arch.d if v not in net.depth_list]
     bad += [v for v in arch.ks if v and v not in net.ks_list] + [
@@ -154,7 +155,8 @@ def set_arch(model: torch.nn.Module, arch: Arch) -> None:
         raise ValueError(f"arch uses choices this supernet lacks: {sorted(set(bad))} (ks {net.ks_list}, "
                          f"e {net.expand_ratio_list}, d {net.depth_list})")
     max_ks, max_e = max(net.ks_list), max(net.expand_ratio_list)
-    ks, e = [], []
+    ks: list[int] = []
+    e: list[int] = []
     for stage in range(N_STAGES):
         for slot in range(per_stage):
             i = stage * SLOTS_PER_STAGE + slot

@@ -18,6 +18,7 @@ import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from ofa.imagenet_classification.elastic_nn.networks import OFAMobileNetV3
@@ -127,7 +128,7 @@ def forward_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Mirrors ``OFAMobileNetV3.forward`` without the classifier, so the head is never run or changed.
     """
-    net = unwrap(model)
+    net: Any = unwrap(model)  # an OFAMobileNetV3: its submodules are untyped module attributes
     x = net.first_conv(x)
     x = net.blocks[0](x)
     for stage, block_idx in enumerate(net.block_group_info):
@@ -141,7 +142,7 @@ def forward_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def new_head(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
     """Replace the classifier with a fresh ``num_classes`` one (same dropout); returns the model."""
-    net = unwrap(model)
+    net: Any = unwrap(model)  # an OFAMobileNetV3 (untyped)
     old = net.classifier
     head = LinearLayer(old.in_features, num_classes, dropout_rate=old.dropout_rate)
     device = next(old.parameters()).device
@@ -259,7 +260,9 @@ def load_state(model: torch.nn.Module, obj: dict, source: str = "state dict") ->
     net = unwrap(model)
     target = net.state_dict()
     keys = set(target)
-    loaded, skipped, wrong = [], [], []
+    loaded: list[str] = []
+    skipped: list[str] = []
+    wrong: list[str] = []
     with torch.no_grad():
         for key, tensor in state.items():
             name = _model_key(key, keys)

@@ -48,7 +48,10 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _load(filename: str) -> np.ndarray:
-    with gzip.open(os.path.join(data_dir(), filename), "rb") as f:
+    d = data_dir()
+    if d is None:
+        raise SourceUnavailable("pip install --no-deps animal-mnist (see tans/data/builtin/python_requirements.txt)")
+    with gzip.open(os.path.join(d, filename), "rb") as f:
         return np.asarray(_ArrayUnpickler(f).load())
 
 

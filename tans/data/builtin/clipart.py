@@ -48,7 +48,9 @@ def usable(path: str) -> bool:
 @functools.cache
 def _catalogue() -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
     """(class names, usable files sorted by path, class index of each file)."""
-    names, files, labels = [], [], []
+    names: list[str] = []
+    files: list[str] = []
+    labels: list[int] = []
     for category in sorted(os.listdir(ROOT)):
         cat_dir = os.path.join(ROOT, category)
         if not os.path.isdir(cat_dir):
@@ -69,8 +71,8 @@ def _catalogue() -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
 
 def render(path: str) -> np.ndarray:
     """One drawing: composited on white, fitted into a white ``SIZE`` square, ``SIZE x SIZE x 3``."""
-    with Image.open(path) as im:
-        im = im.convert("RGBA")
+    with Image.open(path) as src:
+        im = src.convert("RGBA")
     white = Image.new("RGBA", im.size, (255, 255, 255, 255))
     white.alpha_composite(im)  # composite before resizing, so edges blend with white, not black
     rgb = white.convert("RGB")

