@@ -449,7 +449,8 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     # -- the winner: export, re-measure, check the constraints
     win_trials = [r for r in cand_results if r.spec.model_id == winner["model_id"] and r.spec.lr == w_lr
                   and r.status != "failed"]
-    model_uri, measured = _export_winner(storage, run_dir, win_trials[0], data, image_size, winner, info)
+    model_uri, measured = _export_winner(storage, run_dir, win_trials[0], data, image_size, winner, info,
+                                         constraints, candidates, baselines)
     for key, limit in (("n_params", cfg.max_params), ("flops", cfg.max_flops)):
         if limit and measured[key] > limit:
             raise SearchError(f"the exported winner has {key}={measured[key]} > {limit}: the zoo's measurement "
@@ -496,8 +497,32 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     return report
 
 
+def _card_tables(winner: dict, candidates: list[dict], baselines: dict) -> dict[str, list[dict]]:
+    """The search's tables as the model card shows them (accuracies in %, mean ± std over seeds)."""
+
+    def pct(x):
+        return None if x is None else round(100 * x, 1)
+
+    def acc(entry: dict) -> str | None:
+        if entry.get("test_accuracy") is None:
+            return None
+        std = entry.get("std", entry.get("test_std"))
+        n = entry.get("n", entry.get("seeds", 1))
+        spread = f" ± {100 * std:.1f}" if n and n > 1 and std is not None else ""
+        return f"{100 * entry['test_accuracy']:.1f}{spread}"
+
+    methods = [{"method": "**TANS pick**", "model": f"`{winner['model_id']}`", "test accuracy (%)": acc(winner)}]
+    methods += [{"method": name, "model": ", ".join(f"`{m}`" for m in b.get("models", [])[:3]),
+                 "test accuracy (%)": acc(b)} for name, b in baselines.items()]
+    cands = [{"model": f"`{c['model_id']}`", "zoo task": c["task"], "lr": c["lr"], "params": c["n_params"],
+              "MFLOPs": round(c["flops"] / 1e6, 1), "predicted (%)": pct(c["predicted_accuracy"]),
+              "val (%)": pct(c["val_accuracy"]), "test (%)": pct(c["test_accuracy"]), "status": c["status"],
+              "winner": c["model_id"] == winner["model_id"] and c["lr"] == winner["lr"]} for c in candidates]
+    return {"Test accuracy against the baselines": methods, "Fine-tuned candidates": cands}
+
+
 def _export_winner(storage: Storage, run_dir: str, trial: TrialResult, data, image_size: int, winner: dict,
-                   info: dict) -> tuple[str, dict]:
+                   info: dict, constraints: dict, candidates: list[dict], baselines: dict) -> tuple[str, dict]:
     import io
 
     import torch
@@ -518,7 +543,9 @@ def _export_winner(storage: Storage, run_dir: str, trial: TrialResult, data, ima
     uri = export_model(storage, f"{run_dir}/model", model, spec.family, arch, data.classes, image_size,
                        extra={"model_id": spec.model_id, "zoo_task": spec.task, "space": info["run"],
                               "val_accuracy": winner["val_accuracy"], "test_accuracy": trial.final_test,
-                              "seed": spec.seed, "lr": spec.lr, "epochs": spec.epochs})
+                              "seed": spec.seed, "lr": spec.lr, "epochs": spec.epochs,
+                              "constraints": {k: v for k, v in constraints.items() if v}},
+                       tables=_card_tables(winner, candidates, baselines))
     return uri, {"n_params": int(n_params), "flops": int(flops)}
 
 

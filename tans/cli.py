@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "the model-selection benchmark: ground-truth fine-tunes of a pool, every selector, "
                  "weighted tau and regret over seeds"),
     "predict": ("jobs.predict", "label a dataset with an exported model (Ray Data actor pool) -> Parquet"),
+    "export": ("jobs.export", "convert an exported model: `tans export --model URI --onnx [--out PATH]` -> ONNX"),
     "serve": ("jobs.serve", "the online retriever over HTTP (Ray Serve) on 127.0.0.1: `tans serve [--space URI]`"),
     "demo": ("jobs.demo", "the whole pipeline end to end on the built-in corpus, on a local Ray"),
 }

@@ -1,19 +1,39 @@
 """The exported winner of a search: a standalone subnet anyone can load and run.
 
-An export is a directory with two files, written atomically, ``model.json`` last (so a reader
-that finds ``model.json`` finds complete weights):
+An export is a directory of files, each written atomically (temp file + rename, one upload on
+S3), ``model.json`` last (so a reader that finds ``model.json`` finds complete weights):
 
 * ``model.pt``: the subnet's state dict (CPU tensors), loaded with ``weights_only=True``. An
   export written over an existing one names its weights ``model-<id>.pt`` and the new
   ``model.json`` (its ``weights`` key) swaps them in; the old weights go after that;
+* ``model.safetensors``: the same state dict in the ``safetensors`` format (contiguous copies, so
+  NCHW strides; equal tensor for tensor), for tools outside PyTorch's pickle world. Its header
+  metadata holds ``tans.export_id``;
+* ``config.json``: the Hugging-Face-style description (``id2label``, ``label2id``,
+  ``num_labels``, ``image_size``, ``num_channels``, the preprocessing...). It and ``model.json``
+  are built from one dict (:func:`export_metadata`), so they cannot disagree;
+* ``README.md``: the model card (what it is, its budget, its size, the search's tables when the
+  exporter passes them, how to load it with tans and with plain safetensors);
 * ``model.json``: what is needed to rebuild and feed it: the family and arch (the structure is
   rebuilt from them, see :func:`tans.selection.finetune.build_structure`), the class names, the input
   size and channels, and the preprocessing (resize, channels, scaling to [-1, 1] exactly as
   :func:`tans.data.reader.to_float`), plus its size and whatever the exporter adds under ``extra``.
 
+Every file carries the export's ``export_id`` (``model.json``, ``config.json``, the safetensors
+header, the card, and the ONNX metadata of :mod:`tans.selection.onnx_export`): files with the
+same id belong to the same export. ``model.safetensors``, ``config.json`` and ``README.md`` keep
+those fixed names (what other ecosystems look for), so an export written over another overwrites
+them before its ``model.json`` lands: a kill in between leaves ``model.json`` (and
+:func:`load_model`, which only reads the weights ``model.json`` names) whole on the old export,
+with some of those three files already new; their ``export_id`` says which. A ``model.onnx``
+beside the old export is deleted before anything new is written (it was converted from the old
+weights); the old ``.pt`` after the switch.
+
 :func:`load_model` reads one back from a local directory, an ``s3://`` directory, or a path
 relative to the default storage root, and returns a :class:`LoadedModel` that preprocesses raw
-images (uint8 tensors, numpy arrays or PIL images of any size) and predicts.
+images (uint8 tensors, numpy arrays or PIL images of any size) and predicts. It reads the
+``.pt`` weights that ``model.json`` names (never ``model.safetensors``: the ``.pt`` is what the
+swap protects, and exports written before ``model.safetensors`` existed have only it).
 """
 
 from __future__ import annotations
@@ -23,9 +43,10 @@ import json
 import os
 import posixpath
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -42,6 +63,10 @@ from tans.zoo.supernets import get_family, unwrap
 FORMAT = "tans-model/1"
 MODEL_JSON = "model.json"
 MODEL_PT = "model.pt"
+SAFETENSORS = "model.safetensors"
+CONFIG_JSON = "config.json"
+CARD = "README.md"
+MODEL_ONNX = "model.onnx"
 
 
 class ModelLoadError(ValueError):
@@ -69,6 +94,191 @@ def preprocessing_spec(image_size: int, channels: int) -> dict:
     }
 
 
+def export_metadata(
+    family_name: str,
+    arch: Arch,
+    classes: Sequence[str],
+    image_size: int,
+    channels: int,
+    n_params: int,
+    flops: int,
+    extra: dict | None = None,
+) -> dict:
+    """The one description of an export that ``model.json``, ``config.json`` and the card are built from."""
+    return {
+        "format": FORMAT,
+        "family": family_name,
+        "arch": arch.to_dict(),
+        "classes": [str(c) for c in classes],
+        "num_classes": len(classes),
+        "image_size": int(image_size),
+        "channels": int(channels),
+        "preprocessing": preprocessing_spec(int(image_size), int(channels)),
+        "n_params": int(n_params),
+        "flops": int(flops),
+        "torch_version": torch.__version__,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "extra": dict(extra or {}),
+    }
+
+
+def hf_config(meta: dict) -> dict:
+    """``config.json``: the Hugging-Face-style view of ``model.json``'s ``meta`` (same values, HF key names)."""
+    classes = list(meta["classes"])
+    return {
+        "library_name": "tans",
+        "model_type": "ofa_mobilenet_v3",
+        "architectures": ["OFAMobileNetV3"],
+        "tans_format": meta["format"],
+        "family": meta["family"],
+        "arch": meta["arch"],
+        "num_labels": len(classes),
+        "num_classes": len(classes),
+        "class_names": classes,
+        "id2label": {str(i): c for i, c in enumerate(classes)},
+        "label2id": {c: i for i, c in enumerate(classes)},
+        "image_size": meta["image_size"],
+        "num_channels": meta["channels"],
+        "input_shape": [meta["channels"], meta["image_size"], meta["image_size"]],
+        "preprocessing": meta["preprocessing"],
+        "n_params": meta["n_params"],
+        "flops": meta["flops"],
+        "weights": SAFETENSORS,
+        "export_id": meta.get("export_id"),
+        "torch_version": meta["torch_version"],
+        "created_at": meta["created_at"],
+    }
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Rows of dicts as a markdown table (columns: the keys, in order of first appearance)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    if not columns:
+        return []
+    lines = ["| " + " | ".join(_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def model_card(meta: dict, tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> str:
+    """``README.md``: a model card for the export described by ``meta`` (``model.json``'s dict).
+
+    The budget comes from ``meta["extra"]["constraints"]`` (``max_params``, ``max_flops``,
+    ``family``) when the exporter recorded one; ``tables`` (title -> rows) are shown as they are.
+    """
+    extra = meta.get("extra") or {}
+    classes = meta["classes"]
+    size, ch = meta["image_size"], meta["channels"]
+    shown = ", ".join(f"`{c}`" for c in classes[:50])
+    if len(classes) > 50:
+        shown += f", ... ({len(classes) - 50} more)"
+    lines = [
+        "---",
+        "library_name: tans",
+        "pipeline_tag: image-classification",
+        "tags: [image-classification, ofa, mobilenetv3, tans]",
+        "---",
+        "",
+        f"# {meta['family']} subnet: {len(classes)}-class image classifier",
+        "",
+        f"An OFA MobileNetV3 subnet (family `{meta['family']}`) picked from a zoo of pretrained networks by a "
+        "TANS search (task-adaptive neural network search, TANS on Ray) and fine-tuned on the task. "
+        f"Export `{meta.get('export_id')}`, written {meta['created_at']} with torch {meta['torch_version']}.",
+        "",
+        f"- **Classes ({len(classes)})**: {shown}",
+        f"- **Input**: {ch}-channel {size} x {size} images "
+        f"(`{ch} x {size} x {size}` float tensors after preprocessing)",
+        f"- **Size**: {meta['n_params']:,} parameters (without the classifier head), "
+        f"{meta['flops'] / 1e6:,.1f} MFLOPs per {size} x {size} image",
+        f"- **Architecture**: kernel sizes `{meta['arch'].get('ks')}`, expand ratios `{meta['arch'].get('e')}`, "
+        f"depths `{meta['arch'].get('d')}`",
+    ]
+    budget = {k: v for k, v in (extra.get("constraints") or {}).items() if v}
+    if budget:
+        parts = []
+        limits = (("max_params", meta["n_params"], "parameters"), ("max_flops", meta["flops"], "FLOPs"))
+        for key, value, label in limits:
+            if budget.get(key):
+                ok = "met" if value <= budget[key] else "NOT met"
+                parts.append(f"{label} ≤ {budget[key]:,} ({ok}: {value:,})")
+        if budget.get("family"):
+            parts.append(f"family `{budget['family']}`")
+        lines.append(f"- **Constraints of the search**: {'; '.join(parts)}")
+    else:
+        lines.append("- **Constraints of the search**: none recorded")
+    metrics = [(k, extra[k]) for k in ("val_accuracy", "test_accuracy") if isinstance(extra.get(k), (int, float))]
+    if metrics:
+        lines.append("- **Accuracy**: " + ", ".join(f"{k.split('_')[0]} {100 * v:.1f} %" for k, v in metrics))
+    lineage = [(k, extra[k]) for k in ("model_id", "zoo_task", "space", "lr", "epochs", "seed") if k in extra]
+    if lineage:
+        lines.append("- **Lineage**: " + ", ".join(f"{k} `{v}`" for k, v in lineage))
+    for title, rows in (tables or {}).items():
+        if rows:
+            lines += ["", f"## {title}", "", *markdown_table(rows)]
+    pre = meta["preprocessing"]
+    lines += [
+        "",
+        "## Preprocessing",
+        "",
+        f"uint8 images -> {pre['channel_conversion']} -> resized to {size} x {size} (bilinear, antialiased, "
+        f"only when the size differs; rounded back to uint8) -> `{pre['scale']}`, i.e. values in [-1, 1]. "
+        "`LoadedModel.preprocess` does exactly this; `model.json` and `config.json` record it under `preprocessing`.",
+        "",
+        "## How to load",
+        "",
+        "With tans (rebuilds the network from `model.json`, reads the weights with `weights_only=True`, "
+        "takes raw images of any size):",
+        "",
+        "```python",
+        "from tans.selection.export import load_model",
+        "",
+        'm = load_model("path/to/this/directory")          # or s3://..., or searches/<run>/model',
+        "m.predict_classes(images)                        # uint8 N x C x H x W tensors, numpy arrays or PIL images",
+        "logits = m.model(m.preprocess(images))           # the nn.Module itself, in eval mode",
+        "```",
+        "",
+        "With plain safetensors (the state dict of a standalone OFA `MobileNetV3`; rebuild the structure from "
+        "`config.json`'s `family` and `arch`, e.g. with `tans.selection.finetune.build_structure`):",
+        "",
+        "```python",
+        "import json",
+        "from safetensors.torch import load_file",
+        "",
+        'state = load_file("model.safetensors")            # {name: tensor}',
+        'config = json.load(open("config.json"))           # id2label, image_size, preprocessing, arch',
+        "from tans.selection.finetune import build_structure",
+        "from tans.zoo.subnets import Arch",
+        'net = build_structure(config["family"], Arch.from_dict(config["arch"]), config["num_labels"])',
+        "net.load_state_dict(state)",
+        "```",
+        "",
+        "As ONNX: `tans export --model path/to/this/directory --onnx` writes `model.onnx` (input: the preprocessed "
+        "float batch, dynamic batch axis; output: logits; the preprocessing is in its metadata).",
+        "",
+        "## Files",
+        "",
+        f"`{meta.get('weights', MODEL_PT)}` (PyTorch state dict), `{SAFETENSORS}` (the same tensors), "
+        f"`{CONFIG_JSON}`, `{MODEL_JSON}` (tans's description, written last) and this `{CARD}`. `{MODEL_JSON}`, "
+        f"`{CONFIG_JSON}`, the safetensors header (`tans.export_id`) and this card name export "
+        f"`{meta.get('export_id')}`: files that name another export are left over from an interrupted re-export.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def export_model(
     storage_or_dir: Storage | str,
     rel_dir: str,
@@ -79,14 +289,20 @@ def export_model(
     image_size: int,
     channels: int = 3,
     extra: dict | None = None,
+    tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> str:
-    """Write ``model.pt`` then ``model.json`` under ``rel_dir`` of a storage root; returns the dir's URI.
+    """Write an export (see the module's docstring) under ``rel_dir`` of a storage root; returns the dir's URI.
 
     ``storage_or_dir`` is a :class:`~tans.storage.Storage` or a root (local path or ``s3://``).
     ``model`` is a standalone subnet of ``arch`` (from :func:`tans.selection.finetune.build_candidate`)
-    whose head has ``len(classes)`` outputs. ``extra`` (JSON-serialisable: metrics, lineage) is
-    stored as is. An earlier export in the same place is replaced (its ``model.json`` goes first).
+    whose head has ``len(classes)`` outputs. ``extra`` (JSON-serialisable: metrics, lineage, the
+    search's ``constraints``) is stored as is. ``tables`` (title -> rows of dicts, e.g. the search's
+    candidates) go into the model card only. Files go in this order: the ``.pt`` weights,
+    ``model.safetensors``, ``config.json``, ``README.md``, ``model.json`` (last). An earlier export in
+    the same place is replaced: its ``model.onnx`` goes first, its ``.pt`` after the new ``model.json``.
     """
+    from safetensors.torch import save as safetensors_bytes
+
     storage = storage_or_dir if isinstance(storage_or_dir, Storage) else Storage(str(storage_or_dir))
     family = get_family(family_name)
     arch.check(family)
@@ -99,22 +315,8 @@ def export_model(
     if channels != in_channels:
         raise ValueError(f"channels={channels} but the model takes {in_channels}-channel images")
     n_params, flops = model_size(net, image_size)
-    meta = {
-        "format": FORMAT,
-        "family": family_name,
-        "arch": arch.to_dict(),
-        "classes": classes,
-        "num_classes": len(classes),
-        "image_size": int(image_size),
-        "channels": int(channels),
-        "preprocessing": preprocessing_spec(int(image_size), int(channels)),
-        "n_params": n_params,
-        "flops": flops,
-        "torch_version": torch.__version__,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "extra": dict(extra or {}),
-    }
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"  # fails early if extra is not JSON
+    meta = export_metadata(family_name, arch, classes, image_size, channels, n_params, flops, extra)
+    json.dumps(meta)  # fails early if extra is not JSON
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -123,10 +325,19 @@ def export_model(
     # Replacing an export builds beside it, then swaps: the new weights get a name of their own,
     # and the new model.json (one atomic write) names them. Until then the old export loads whole.
     replacing = storage.is_file(join(MODEL_JSON))
-    weights = f"model-{uuid.uuid4().hex[:8]}.pt" if replacing else MODEL_PT
-    meta["weights"] = weights
+    export_id = uuid.uuid4().hex[:8]
+    weights = f"model-{export_id}.pt" if replacing else MODEL_PT
+    meta.update(weights=weights, safetensors=SAFETENSORS, export_id=export_id)
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    tensors = {k: v.contiguous() for k, v in state.items()}  # safetensors stores dense row-major tensors
+    st_bytes = safetensors_bytes(tensors, metadata={"format": "pt", "tans.format": FORMAT,
+                                                    "tans.export_id": export_id, "tans.family": family_name})
+    if replacing:
+        storage.delete(join(MODEL_ONNX))  # converted from the old weights: never beside the new ones
     storage.write_bytes(join(weights), buf.getvalue())
+    storage.write_bytes(join(SAFETENSORS), st_bytes)
+    storage.write_bytes(join(CONFIG_JSON), (json.dumps(hf_config(meta), indent=2) + "\n").encode())
+    storage.write_bytes(join(CARD), model_card(meta, tables).encode())
     storage.write_text(join(MODEL_JSON), text)
     if replacing:
         for entry in storage.list(rel_dir):
@@ -322,8 +533,10 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an export written by :func:`export_model`.
 
     ``uri``: a local directory, an ``s3://`` directory, or a path relative to the default
-    storage root (``$TANS_ROOT``, e.g. ``searches/<run>/model``); the directory's ``model.json``
-    or ``model.pt`` is accepted too. Weights are read with ``weights_only=True``. Raises
+    storage root (``$TANS_ROOT``, e.g. ``searches/<run>/model``); one of the directory's files
+    (``model.json``, ``model.pt``, ``model.safetensors``, ``config.json``, ``README.md``) is accepted
+    too. The weights are the ``.pt`` file ``model.json`` names (``model.safetensors`` holds the same
+    tensors, for other tools), read with ``weights_only=True``. Raises
     :class:`ModelLoadError` (one line) for a missing directory, a missing or corrupt file, or
     weights that do not fit the recorded family and arch.
     """
@@ -333,7 +546,8 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
         info = fs.get_file_info(base)
     except Exception as err:  # noqa: BLE001 - bad scheme, no bucket, S3 unreachable
         raise ModelLoadError(f"{where}: cannot open ({_one_line(err)})") from None
-    if info.type == pafs.FileType.File and posixpath.basename(base) in (MODEL_JSON, MODEL_PT):
+    if info.type == pafs.FileType.File and posixpath.basename(base) in (MODEL_JSON, MODEL_PT, SAFETENSORS,
+                                                                                 CONFIG_JSON, CARD):
         base, where = posixpath.dirname(base), where.rstrip("/").rsplit("/", 1)[0]
     elif info.type == pafs.FileType.NotFound:
         raise ModelLoadError(f"{where}: no such directory "

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import tans
 from tans.data.reader import decode_images, to_float
@@ -27,6 +29,7 @@ from . import TINY, colour_task
 
 FAM = get_family(TINY)
 CLASSES = ["red", "green", "blue"]
+FILES = ["model.pt", "model.safetensors", "config.json", "README.md", "model.json"]  # in the order written
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
@@ -59,9 +62,9 @@ def test_export_then_load_reproduces_the_fine_tuned_model(monkeypatch):
     storage = Storage()  # the default root ($TANS_ROOT, a temp dir in tests)
     uri = export_model(storage, "searches/run1/model", model, TINY, arch, CLASSES, image_size=32, channels=3,
                        extra={"val_accuracy": 0.5, "candidate": "m-1"})
-    assert writes == ["searches/run1/model/model.pt", "searches/run1/model/model.json"]  # model.json last
+    assert writes == [f"searches/run1/model/{name}" for name in FILES]  # model.json last
     assert uri == storage.uri_of("searches/run1/model")
-    assert sorted(os.listdir(uri)) == ["model.json", "model.pt"]  # no temp files left behind
+    assert sorted(os.listdir(uri)) == sorted(FILES)  # no temp files left behind
     meta = json.loads(storage.read_bytes("searches/run1/model/model.json"))
     assert meta["family"] == TINY and Arch.from_dict(meta["arch"]) == arch
     assert meta["classes"] == CLASSES and meta["num_classes"] == 3
@@ -83,11 +86,14 @@ def test_export_then_load_reproduces_the_fine_tuned_model(monkeypatch):
         assert evaluate_accuracy(loaded.model, test) == accuracy
     # The lazy top-level re-export gives the same model.
     again = tans.load_model(uri)
-    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), model.state_dict().values(),
+                                                     strict=True))
 
     # Exporting again over it builds beside, then swaps: the new weights get their own name, and
     # until the new model.json lands the old export loads whole (a crash leaves old or new).
+    # A model.onnx converted from the old weights goes before anything new is written.
     other = build_candidate(TINY, arch, 3, None, seed=9)
+    (Path(uri) / "model.onnx").write_bytes(b"converted from the old weights")
     real_write_text = storage.write_text
 
     def crash(rel, text):
@@ -98,11 +104,69 @@ def test_export_then_load_reproduces_the_fine_tuned_model(monkeypatch):
         export_model(storage, "searches/run1/model", other, TINY, arch, CLASSES, 32, 3, {})
     storage.write_text = real_write_text
     assert torch.equal(load_model(uri).model.classifier.linear.weight, model.classifier.linear.weight)
+    assert not (Path(uri) / "model.onnx").exists()
     export_model(storage, "searches/run1/model", other, TINY, arch, CLASSES, 32, 3, {})
     assert torch.equal(load_model(uri).model.classifier.linear.weight, other.classifier.linear.weight)
     names = sorted(os.listdir(uri))
-    assert len(names) == 2 and "model.json" in names and "model.pt" not in names  # the old weights went
-    assert json.loads((Path(uri) / "model.json").read_text())["weights"] in names
+    assert len(names) == len(FILES) and "model.json" in names and "model.pt" not in names  # the old weights went
+    final = json.loads((Path(uri) / "model.json").read_text())
+    assert final["weights"] in names and final["weights"] == f"model-{final['export_id']}.pt"
+    # the fixed-name files were rewritten for the new export: same id, same weights
+    assert json.loads((Path(uri) / "config.json").read_text())["export_id"] == final["export_id"]
+    with safe_open(str(Path(uri) / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tans.export_id"] == final["export_id"]
+        assert torch.equal(f.get_tensor("classifier.linear.weight"), other.classifier.linear.weight)
+    assert final["export_id"] in (Path(uri) / "README.md").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_the_ecosystem_files_agree_with_model_json(tmp_path):
+    arch = sample_archs(FAM, 3, seed=4)[2]
+    model = build_candidate(TINY, arch, 3, None, seed=0)
+    extra = {"constraints": {"max_params": 3_000_000, "max_flops": None, "family": None}, "val_accuracy": 0.75,
+             "model_id": "m-7"}
+    table = [{"model": "`m-7`", "params": 123_456, "val (%)": 75.0, "winner": True},
+             {"model": "`m-2`", "params": 99_000, "val (%)": None, "winner": False}]
+    uri = export_model(str(tmp_path / "root"), "x/model", model, TINY, arch, CLASSES, 32, 3, extra,
+                       tables={"Fine-tuned candidates": table})
+    d = Path(uri)
+    meta = json.loads((d / "model.json").read_text())
+    # model.safetensors: the same state dict as model.pt, tensor for tensor, tagged with the export
+    pt = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+    st = load_file(str(d / "model.safetensors"))
+    assert sorted(st) == sorted(pt)
+    assert all(torch.equal(st[k], pt[k]) and st[k].dtype == pt[k].dtype for k in pt)
+    assert all(torch.equal(st[k], v) for k, v in model.state_dict().items())
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert f.metadata()["tans.export_id"] == meta["export_id"] and f.metadata()["format"] == "pt"
+    # config.json: the same values as model.json (one dict builds both), in Hugging Face's names
+    config = json.loads((d / "config.json").read_text())
+    assert config["arch"] == meta["arch"] and Arch.from_dict(config["arch"]) == arch
+    assert config["family"] == meta["family"] == TINY and config["class_names"] == meta["classes"] == CLASSES
+    assert config["id2label"] == {"0": "red", "1": "green", "2": "blue"} and config["label2id"]["blue"] == 2
+    assert config["num_labels"] == config["num_classes"] == meta["num_classes"] == 3
+    assert (config["image_size"], config["num_channels"], config["input_shape"]) == (32, 3, [3, 32, 32])
+    assert config["preprocessing"] == meta["preprocessing"]
+    assert (config["n_params"], config["flops"], config["export_id"]) == (meta["n_params"], meta["flops"],
+                                                                          meta["export_id"])
+    assert config["weights"] == meta["safetensors"] == "model.safetensors"
+    # the card: what it is, its budget, its size, the search's table, how to load it
+    card = (d / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: tans\n")
+    assert all(f"`{c}`" in card for c in CLASSES) and "3-class" in card and "32 x 32" in card
+    assert f"{meta['n_params']:,} parameters" in card and "parameters ≤ 3,000,000 (met" in card
+    assert "## Fine-tuned candidates" in card and "| `m-7` | 123,456 | 75 | yes |" in card and "| — |" in card
+    assert "load_model(" in card and "safetensors.torch import load_file" in card and meta["export_id"] in card
+    # the safetensors snippet of the card works as written
+    from tans.selection.finetune import build_structure
+
+    net = build_structure(config["family"], Arch.from_dict(config["arch"]), config["num_labels"])
+    net.load_state_dict(st)
+    x = to_float(colour_task(4, seed=3).images)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), load_model(uri).model(x))
+    # any file of the export names it for load_model
+    assert load_model(str(d / "config.json")).arch == arch
 
 
 @pytest.mark.timeout(60)
