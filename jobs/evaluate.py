@@ -357,7 +357,9 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
 
     t_start = time.perf_counter()
     recipe = load_recipe(cfg)
-    retriever = Retriever.load(cfg.space or storage.uri)  # SpaceNotFound: one line
+    from tans.space.store import space_location
+
+    retriever = Retriever.load(space_location(cfg.space, storage))  # SpaceNotFound: one line
     info = retriever.info
     uri = info["uri"]
     space_root = Storage(uri[: uri.rindex("/spaces/")])

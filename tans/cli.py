@@ -25,10 +25,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "the whole pipeline end to end on the built-in corpus, on a local Ray"),
 }
 
-# Stages whose issues have not landed yet: say so instead of "unknown command".
-PLANNED = {
-}
-
 
 def usage() -> str:
     lines = ["usage: tans <command> [args...]", "", "commands:"]
@@ -48,9 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tans {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    if command in PLANNED:
-        print(f"error: `tans {command}` is not implemented yet: {PLANNED[command]}", file=sys.stderr)
-        return 2
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -307,7 +307,7 @@ def export_model(
     family = get_family(family_name)
     arch.check(family)
     classes = [str(c) for c in classes]
-    net = unwrap(model)
+    net: Any = unwrap(model)  # an OFA network: its submodules are dynamic attributes
     out_features = net.classifier.linear.out_features
     if out_features != len(classes):
         raise ValueError(f"the model has {out_features} outputs but {len(classes)} class names were given")
@@ -483,7 +483,7 @@ def _read(fs: pafs.FileSystem, path: str, where: str, what: str) -> bytes:
             return f.read()
     except ModelLoadError:
         raise
-    except Exception as err:  # noqa: BLE001 - S3 down, permissions: one message
+    except Exception as err:  # S3 down, permissions: one message
         raise ModelLoadError(f"{where}: cannot read {what} ({_one_line(err)})") from None
 
 
@@ -544,7 +544,7 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
     try:
         fs, base = resolve_filesystem(where)
         info = fs.get_file_info(base)
-    except Exception as err:  # noqa: BLE001 - bad scheme, no bucket, S3 unreachable
+    except Exception as err:  # bad scheme, no bucket, S3 unreachable
         raise ModelLoadError(f"{where}: cannot open ({_one_line(err)})") from None
     if info.type == pafs.FileType.File and posixpath.basename(base) in (MODEL_JSON, MODEL_PT, SAFETENSORS,
                                                                                  CONFIG_JSON, CARD):
@@ -567,7 +567,7 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
     raw = _read(fs, posixpath.join(base, weights), where, weights)
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated, corrupt, or pickles code
+    except Exception as err:  # truncated, corrupt, or pickles code
         raise ModelLoadError(f"{where}/{MODEL_PT}: not a readable weights-only PyTorch checkpoint "
                              f"({_one_line(err, 100)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

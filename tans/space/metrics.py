@@ -2,12 +2,18 @@
 
 A val task's query is scored against the *full* index (every task's models, the val tasks' own
 models included). The target is the val task's best model: the row of that task with the highest
-measured accuracy. All functions return plain dicts of floats, ready for metrics.json.
+measured accuracy, or any of them where several tie (accuracies are counts over one test set, so
+exact ties happen; taking the first tied row made the metric, and the checkpoint chosen by it,
+depend on row order: on one meta-val task the "best" model's rank moved between ~45 and ~200 from
+one space seed to the next while the tied model was ranked well). All functions return plain
+dicts of floats, ready for metrics.json.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 from scipy.stats import kendalltau
@@ -15,8 +21,8 @@ from scipy.stats import kendalltau
 DEFAULT_KS = (1, 5, 10)
 
 
-def best_rows(index_tasks: Sequence[str], index_accuracy, val_tasks: Sequence[str]) -> np.ndarray:
-    """Row of the most accurate model of each val task (first row on a tie)."""
+def best_row_sets(index_tasks: Sequence[str], index_accuracy, val_tasks: Sequence[str]) -> list[np.ndarray]:
+    """For each val task, the rows of its most accurate models (all rows tied at the top)."""
     tasks = np.asarray(index_tasks, dtype=object)
     acc = np.asarray(index_accuracy, dtype=float)
     out = []
@@ -24,21 +30,22 @@ def best_rows(index_tasks: Sequence[str], index_accuracy, val_tasks: Sequence[st
         rows = np.flatnonzero(tasks == t)
         if rows.size == 0:
             raise ValueError(f"val task {t!r} has no model in the index")
-        out.append(rows[np.argmax(acc[rows])])
-    return np.asarray(out, dtype=np.int64)
+        out.append(rows[acc[rows] >= acc[rows].max() - 1e-12])
+    return out
 
 
 def ranks_of_best(scores, index_tasks, index_accuracy, val_tasks) -> np.ndarray:
     """1-based rank of each val task's best model in its query's ranking of the full index.
 
     ``scores``: Q x N similarities (row q = val query q, whose task is ``val_tasks[q]``).
-    Rank = 1 + number of rows scored strictly higher (ties are resolved in the model's favour).
+    Rank = 1 + number of rows scored strictly higher than the best-scored of the task's tied-best
+    models (ties in score, like ties in accuracy, are resolved in the model's favour).
     """
     scores = np.asarray(scores, dtype=float)
     if scores.ndim != 2 or scores.shape[0] != len(val_tasks):
         raise ValueError(f"scores must be (n_val_queries={len(val_tasks)}) x N, got shape {scores.shape}")
-    best = best_rows(index_tasks, index_accuracy, val_tasks)
-    target = scores[np.arange(len(best)), best]
+    best = best_row_sets(index_tasks, index_accuracy, val_tasks)
+    target = np.array([scores[q, rows].max() for q, rows in enumerate(best)])
     return 1 + (scores > target[:, None]).sum(axis=1)
 
 
@@ -84,17 +91,30 @@ def predictor_metrics(predicted, true, index_tasks, val_tasks) -> dict[str, floa
     return {"rmse": rmse, "kendall_tau": _mean_tau(predicted, true, tasks, val_tasks)}
 
 
-def random_baseline(n_index: int, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+def random_baseline(
+    n_index: int, ks: Sequence[int] = DEFAULT_KS, n_best: Sequence[int] | None = None
+) -> dict[str, float]:
     """Expected metrics of a uniformly random ranking of an N-row index, computed exactly.
 
-    The target's rank is uniform on 1..N: R@k = min(k, N) / N, mean rank = (N + 1) / 2, and the
-    median rank of that distribution is (N + 1) / 2 as well. Expected Kendall tau is 0.
+    ``n_best``: for each val query, how many models tie for its task's best (default: 1 each). With
+    m targets the rank of the first one to come up has P(rank <= r) = 1 - C(N - m, r) / C(N, r):
+    R@k is that at r = k, the mean rank is (N + 1) / (m + 1), and the median rank is where the
+    queries' mean CDF reaches 1/2 (midway between r and r + 1 when it is exactly 1/2 at r, as
+    numpy's median of an even count; (N + 1) / 2 when m = 1). Expected Kendall tau is 0.
     """
     if n_index < 1:
         raise ValueError(f"n_index must be >= 1, got {n_index}")
-    out = {f"R@{k}": min(k, n_index) / n_index for k in ks}
-    out["mean_rank"] = (n_index + 1) / 2
-    out["median_rank"] = (n_index + 1) / 2
+    ms = list(n_best) if n_best is not None else [1]
+    if not ms or min(ms) < 1 or max(ms) > n_index:
+        raise ValueError(f"n_best must be between 1 and n_index={n_index}, got {ms}")
+
+    def cdf(r: int) -> Fraction:  # exact: R@k of 1 target out of 20 is 0.05, not 0.05000000000000004
+        return sum((1 - Fraction(math.comb(n_index - m, r), math.comb(n_index, r)) for m in ms), Fraction(0)) / len(ms)
+
+    out = {f"R@{k}": float(cdf(min(k, n_index))) for k in ks}
+    out["mean_rank"] = float(sum(Fraction(n_index + 1, m + 1) for m in ms) / len(ms))
+    r = next(r for r in range(1, n_index + 1) if cdf(r) >= Fraction(1, 2))
+    out["median_rank"] = r + 0.5 if cdf(r) == Fraction(1, 2) else float(r)
     out["kendall_tau"] = 0.0
     return out
 
@@ -109,7 +129,8 @@ def space_metrics(scores, predicted, index_tasks, index_accuracy, index_n_params
     out: dict = retrieval_metrics(scores, index_tasks, index_accuracy, val_tasks, ks)
     out.update(predictor_metrics(predicted, index_accuracy, index_tasks, val_tasks))
     out["baselines"] = {
-        "random": random_baseline(np.asarray(scores).shape[1], ks),
+        "random": random_baseline(np.asarray(scores).shape[1], ks,
+                                  n_best=[len(rows) for rows in best_row_sets(index_tasks, index_accuracy, val_tasks)]),
         "size": size_baseline(index_n_params, index_accuracy, index_tasks, val_tasks),
     }
     return out

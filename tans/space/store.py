@@ -110,6 +110,16 @@ def resolve_space(uri: str | None) -> tuple[Storage, str]:
     return storage, _latest(storage)
 
 
+def space_location(space: str, storage: Storage) -> str:
+    """What to load for a job's ``space`` setting in the root ``storage``: a bare run name is a run
+    of that root (not of the default root), "" is the root's LATEST, anything else a URI as given."""
+    if not space:
+        return storage.uri
+    if is_bare_name(space.rstrip("/")):
+        return storage.uri_of(space_dir(space.rstrip("/")))
+    return space
+
+
 def _check_run(run: str, uri: str) -> None:
     if not is_valid_name(run):
         raise SpaceNotFound(f"{uri!r}: {run!r} is not a valid space run name ({NAME_RULE})")

@@ -78,3 +78,30 @@ def test_space_metrics_is_json_ready():
     assert m["R@1"] == 1.0 and m["baselines"]["random"]["R@1"] == pytest.approx(1 / 6)
     assert m["baselines"]["size"]["kendall_tau"] == pytest.approx(1.0)
     assert json.loads(json.dumps(m)) == m
+
+
+@pytest.mark.timeout(20)
+def test_tied_best_models_are_all_targets():
+    acc = [0.5, 0.9, 0.9, 0.3, 0.4, 0.8]  # task a: rows 1 and 2 tie for best
+    scores = np.array([[0.1, 0.2, 0.8, 0.9, 0.0, 0.5]])  # row 2 (tied best) ranked 2nd, row 1 4th
+    assert ranks_of_best(scores, TASKS, acc, ["a"]).tolist() == [2]
+    assert ranks_of_best(scores, TASKS, ACC, ["a"]).tolist() == [4]  # without the tie: row 1 only
+    b = space_metrics(scores, [0.5] * 6, TASKS, acc, N_PARAMS, ["a"])["baselines"]["random"]
+    assert b == random_baseline(6, n_best=[2])
+
+
+@pytest.mark.timeout(20)
+def test_random_baseline_with_tied_targets_matches_monte_carlo():
+    b = random_baseline(20, ks=(1, 5), n_best=[1, 3])
+    rng = np.random.default_rng(0)
+    ranks = []
+    for m in [1, 3] * 20_000:  # the first of m targets in a random permutation of 20 rows
+        ranks.append(1 + int(np.min(rng.permutation(20)[:m])))
+    ranks = np.array(ranks)
+    assert b["R@1"] == pytest.approx((1 / 20 + 3 / 20) / 2)
+    assert np.mean(ranks <= 5) == pytest.approx(b["R@5"], abs=0.01)
+    assert b["mean_rank"] == pytest.approx((21 / 2 + 21 / 4) / 2)
+    assert np.mean(ranks) == pytest.approx(b["mean_rank"], abs=0.1)
+    assert b["median_rank"] == np.median(ranks)
+    with pytest.raises(ValueError, match="n_best"):
+        random_baseline(5, n_best=[6])
