@@ -17,13 +17,14 @@ from datetime import UTC, datetime
 import ray
 import torch
 
+from tans import paths
 from tans.job_configs import ZooConfig
 from tans.storage import Storage
 from tans.zoo.store import ZooRow, write_part
 
 
 def task_supernet_rel(zoo: str, task: str, generation: str = "") -> str:
-    return f"supernets/{zoo}/{generation + '/' if generation else ''}tasks/{task}/model.pt"
+    return paths.task_supernet_file(zoo, task, generation)
 
 
 def _readable_state(storage: Storage, rel: str) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 
 from jobs._common import as_override, run_main, split_overrides
+from tans import paths
 from tans.config import to_dict
 from tans.data.tasks import TaskError, task_exists
 from tans.job_configs import ZooConfig, load_job_config, load_splits
@@ -82,7 +83,7 @@ def plan_tasks(cfg: ZooConfig, storage: Storage) -> tuple[list[str], list[str], 
 
 def check_existing_zoo(storage: Storage, cfg: ZooConfig, splits_hash: str) -> None:
     """A zoo name is reused only for the same family, image size and splits."""
-    path = f"zoo/{cfg.name}/zoo.json"
+    path = paths.zoo_manifest(cfg.name)
     if not storage.is_file(path) or cfg.force:
         return
     old = storage.read_json(path)
@@ -109,16 +110,16 @@ def main(argv: list[str]) -> int:
     check_existing_zoo(storage, cfg, splits_hash)
     from tans.lease import Lease
 
-    with Lease(storage, f"zoo/{cfg.name}", what="tans build-zoo") as lease:
+    with Lease(storage, paths.zoo_dir(cfg.name), what="tans build-zoo") as lease:
         t0 = time.perf_counter()
         print(f"[zoo] {cfg.name}: family {family.name}, {cfg.image_size}px, {len(tasks)} tasks, "
-              f"{cfg.measure.subnets_per_task} subnets per task -> {storage.uri_of('zoo/' + cfg.name)}")
+              f"{cfg.measure.subnets_per_task} subnets per task -> {storage.uri_of(paths.zoo_dir(cfg.name))}")
         # A finished zoo is never rebuilt in place: --force builds a new generation beside it - base
         # supernet, per-task supernets and parts (tans.zoo.store.part_path) - swapped in by the manifest
         # written last. Until then the old zoo, and the spaces built on it, stay whole.
-        live = read_manifest(storage, cfg.name).parts if storage.is_file(f"zoo/{cfg.name}/zoo.json") else None
+        live = read_manifest(storage, cfg.name).parts if storage.is_file(paths.zoo_manifest(cfg.name)) else None
         generation = new_generation() if cfg.force and live is not None else (live or "")
-        storage.write_json(f"supernets/{cfg.name}/config.json",
+        storage.write_json(paths.supernet_config_file(cfg.name),
                            {k: v for k, v in to_dict(cfg).items() if k != "force"})
 
         from jobs.pretrain_supernet import pretrain_base
@@ -127,7 +128,7 @@ def main(argv: list[str]) -> int:
         runtime.init_ray()
         if generation and generation != live:  # a fresh generation: nothing in it to reuse
             base_rel = pretrain_base(replace(cfg, force=False), storage, pretrain_tasks,
-                                     base=f"supernets/{cfg.name}/{generation}/base")
+                                     base=paths.base_dir(cfg.name, generation))
         else:
             base_rel = pretrain_base(cfg, storage, pretrain_tasks, base=base_folder(cfg.name, generation))
         print(f"[zoo] base supernet: {storage.uri_of(base_rel)} ({time.perf_counter() - t0:.0f}s)")
@@ -141,7 +142,7 @@ def main(argv: list[str]) -> int:
             from jobs._zoo_workers import build_tasks
 
             nodes = build_tasks(cfg, storage, base_rel, todo, generation)
-            build_rel = f"zoo/{cfg.name}/{generation + '/' if generation else ''}build.json"
+            build_rel = paths.zoo_build_file(cfg.name, generation)
             storage.write_json(build_rel, {"items": nodes, "finished_at": _now()})
         rows = sum(read_zoo_part_rows(storage, cfg.name, t, generation) for t in tasks)
         lease.check()  # another writer took the zoo over: leave the manifest to it
@@ -152,7 +153,8 @@ def main(argv: list[str]) -> int:
         )
         table = read_zoo(storage, cfg.name)
         print(format_stats(cfg.name, zoo_stats(table)))
-        print(f"[zoo] done in {time.perf_counter() - t0:.0f}s: {rows} rows -> {storage.uri_of('zoo/' + cfg.name)}")
+        print(f"[zoo] done in {time.perf_counter() - t0:.0f}s: {rows} rows "
+              f"-> {storage.uri_of(paths.zoo_dir(cfg.name))}")
     return 0
 
 

@@ -22,6 +22,7 @@ from tans.data.builtin.registry import all_sources
 from tans.data.ingest import IngestError, IngestReport, decode_in_process, ingest_imagefolder
 from tans.data.tasks import task_exists
 from tans.job_configs import IngestConfig, load_job_config
+from tans.paths import task_dir
 from tans.storage import Storage
 
 
@@ -102,7 +103,7 @@ def ingest(args: argparse.Namespace) -> int:
     )
     report.engine = used["engine"]
     print(report.summary())
-    print(f"written to {storage.uri_of('tasks/' + args.name)}")
+    print(f"written to {storage.uri_of(task_dir(args.name))}")
     return 0
 
 

@@ -17,6 +17,7 @@ import time
 
 from jobs._common import as_override, run_main, split_overrides
 from jobs.data import _materialise_all
+from tans import paths
 from tans.config import to_dict
 from tans.data.builtin import catalog
 from tans.data.ingest import IngestError
@@ -57,9 +58,9 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     print(f"[demo] storage root: {storage.uri}")
     tasks = run_data_stage(storage, cfg)
-    storage.write_json("demo/config.json", to_dict(cfg))
+    storage.write_json(paths.DEMO_CONFIG, to_dict(cfg))
     images = sum(sum(read_task_info(storage, t).counts.values()) for t in tasks)
-    print(f"[data] done: {len(tasks)} tasks, {images} images under {storage.uri_of('tasks')} "
+    print(f"[data] done: {len(tasks)} tasks, {images} images under {storage.uri_of(paths.TASKS)} "
           f"({time.perf_counter() - t0:.1f}s)")
     if cfg.zoo:
         from jobs import build_zoo
@@ -90,10 +91,10 @@ def main(argv: list[str]) -> int:
     print(format_demo_table(rows))
     pointer = evaluation_pointer(storage, space_name, cfg.evaluate)
     print(pointer)
-    storage.write_json("demo/table.json", rows)
-    storage.write_text("demo/table.md", format_demo_table(rows) + "\n\n" + pointer + "\n")
-    print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; table in {storage.uri_of('demo/table.md')}, "
-          f"reports in {storage.uri_of('searches')}")
+    storage.write_json(paths.DEMO_TABLE_JSON, rows)
+    storage.write_text(paths.DEMO_TABLE_MD, format_demo_table(rows) + "\n\n" + pointer + "\n")
+    print(f"\n[demo] done in {time.perf_counter() - t0:.0f}s; table in {storage.uri_of(paths.DEMO_TABLE_MD)}, "
+          f"reports in {storage.uri_of(paths.SEARCHES)}")
     return 0
 
 
@@ -110,7 +111,7 @@ def run_search_stage(storage: Storage, cfg: DemoConfig, space: str) -> list[dict
     rows = []
     for i, task in enumerate(splits.meta_test):
         print(f"[demo] search {i + 1}/{len(splits.meta_test)}: {task}", flush=True)
-        overrides = [as_override("root", storage.uri), as_override("space", storage.uri_of("spaces/" + space)),
+        overrides = [as_override("root", storage.uri), as_override("space", storage.uri_of(paths.space_dir(space))),
                      as_override("dataset", task),
                      "oracle=true", f"name=demo-{task}"]
         if cfg.max_params:
@@ -127,8 +128,8 @@ def run_search_stage(storage: Storage, cfg: DemoConfig, space: str) -> list[dict
 
 def evaluation_pointer(storage: Storage, space: str, config: str) -> str:
     """Where the comparison with intervals is: one seed per search here, seeds and pools there."""
-    where = storage.uri_of(f"evaluations/{space}/evaluation.md")
-    state = "" if storage.is_file(f"evaluations/{space}/evaluation.json") else " (not run yet on this root)"
+    where = storage.uri_of(f"{paths.evaluation_dir(space)}/evaluation.md")
+    state = "" if storage.is_file(f"{paths.evaluation_dir(space)}/evaluation.json") else " (not run yet on this root)"
     return (f"One seed per search above; single-seed gaps of a few points are noise. Weighted Kendall tau and regret "
             f"over seeds with 95% intervals: `tans evaluate --config {config} --root {storage.uri}` "
             f"-> {where}{state}")

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from jobs._common import as_override, run_main, split_overrides
+from tans import paths
 from tans.config import to_dict
 from tans.data.tasks import read_task_info
 from tans.job_configs import EvaluateConfig, SearchConfig, load_job_config, load_splits
@@ -194,7 +195,7 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
                                    # bf16 fine-tunes are another ground truth; fp32 keeps old keys valid
                                    **({"precision": recipe.precision} if recipe.precision != "fp32" else {})},
                         "references": {n: s.to_dict() for n, s in ref_specs.items()}})
-    cache_dir = f"evaluations/_cache/{zoo.retriever.info['zoo']}"
+    cache_dir = paths.evaluation_cache_dir(zoo.retriever.info["zoo"])
     rel = f"{cache_dir}/{task}-s{seed}-{key}.json"
     tune_rel = f"{cache_dir}/tune/{task}-s{seed}-{key}"  # run_trials' experiment for this record
     cached = storage.read_json(rel) if storage.is_file(rel) and not cfg.force else None
@@ -362,7 +363,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     retriever = Retriever.load(space_location(cfg.space, storage))  # SpaceNotFound: one line
     info = retriever.info
     uri = info["uri"]
-    space_root = Storage(uri[: uri.rindex("/spaces/")])
+    space_root = Storage(uri[: uri.rindex(f"/{paths.SPACES}/")])
     srcs = list(cfg.datasets)
     if not srcs:
         splits_path = cfg.splits or info.get("splits") or "configs/splits/default.yaml"
@@ -370,7 +371,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
         if not srcs:
             raise SearchError(f"{splits_path} has no meta_test tasks; name targets with --dataset")
     run = cfg.name or info["run"]
-    run_dir = f"evaluations/{run}"
+    run_dir = paths.evaluation_dir(run)
     settings = {"constraints": {"max_params": cfg.max_params or None, "max_flops": cfg.max_flops or None},
                 "seeds": list(cfg.seeds), "pool_cap": cfg.pool_cap, "methods": list(cfg.methods) or list(METHODS),
                 "references": list(cfg.references), "scratch_long_factor": cfg.scratch_long_factor,

@@ -25,6 +25,7 @@ import zlib
 import numpy as np
 
 from jobs._common import as_override, run_main, split_overrides
+from tans import paths
 from tans.job_configs import QueriesConfig, SpaceConfig, load_job_config, load_splits
 from tans.space.features import ExtractorSpec, query_path
 from tans.storage import Storage
@@ -102,13 +103,13 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
 
     for t in tasks:
         read_task_info(storage, t)  # TaskError (one line) before any actor starts
-    made_by = f"queries/{spec.name}/extractor.json"
+    made_by = paths.extractor_file(spec.name)
     stale = (spec.sha256 and storage.is_file(made_by)
              and storage.read_json(made_by).get("sha256", "") not in ("", spec.sha256))
     if stale:
         print(f"[queries] the extractor of {spec.name} changed since its queries were made: extracting them again")
     todo = [t for t in tasks if q.force or stale or not _readable_query(storage, spec.name, t)]
-    storage.write_json(f"queries/{spec.name}/extractor.json", spec.to_dict())
+    storage.write_json(paths.extractor_file(spec.name), spec.to_dict())
     if not todo:
         print(f"[queries] all {len(tasks)} tasks already have {spec.name} queries")
         return []
@@ -145,7 +146,7 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
     )
     records = ds.take_all()
     print(f"[queries] {len(records)} tasks, {sum(int(r['images']) for r in records)} images in "
-          f"{time.perf_counter() - t0:.1f}s -> {storage.uri_of(f'queries/{spec.name}')}", flush=True)
+          f"{time.perf_counter() - t0:.1f}s -> {storage.uri_of(paths.queries_dir(spec.name))}", flush=True)
     return records
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from jobs._common import as_override, drain_progress, run_main, split_overrides
+from tans import paths
 from tans.config import ConfigError, to_dict
 from tans.data.reader import TaskTensors, decode_images
 from tans.data.tasks import read_split, read_task_info
@@ -51,7 +52,7 @@ FAIL_AT_EPOCH_ENV = "TANS_PRETRAIN_FAIL_ONCE_AT_EPOCH"
 
 def base_dir(zoo: str) -> str:
     """Where a zoo's base supernet lives, relative to the storage root."""
-    return f"supernets/{zoo}/base"
+    return paths.base_dir(zoo)
 
 
 # -- data ------------------------------------------------------------------------------------

@@ -294,6 +294,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     import torch
 
     from tans.lease import Lease
+    from tans.paths import search_dir
 
     from tans.space.features import build_extractor, query_from_tensors, read_query
     from tans.space.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask
@@ -304,7 +305,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     image_size = int(info["image_size"])
     task, how = prepare_dataset(storage, cfg.dataset, image_size)
     run = run_name(cfg, task)
-    run_dir = f"searches/{run}"
+    run_dir = search_dir(run)
     fingerprint = search_fingerprint(cfg, task, info)
     check_run(storage, run_dir, fingerprint, cfg.force)
     if storage.is_file(f"{run_dir}/report.json") and not cfg.force:

@@ -396,9 +396,10 @@ def task_name_of(dataset: str, root_uri: str) -> str:
     ``_``, ``-``, ``.`` starting with a letter or digit, so no form can leave the storage root.
     """
     from tans.data.tasks import TASK_NAME_RE
+    from tans.paths import TASKS
 
     text = dataset.strip().rstrip("/")
-    for prefix in (root_uri.rstrip("/") + "/tasks/", "tasks/"):
+    for prefix in (f"{root_uri.rstrip('/')}/{TASKS}/", f"{TASKS}/"):
         if text.startswith(prefix):
             text = text[len(prefix):]
             break

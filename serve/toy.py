@@ -45,7 +45,7 @@ def make_toy_space(root: str, run: str, seed: int = 0, n_tasks: int = 3, per_tas
     Model ids are ``<run>-t<task>-m<model>``, so answers from different spaces never collide.
     """
     from tans.space.features import ExtractorSpec
-    from tans.space.store import finish_space, index_table, save_model_state
+    from tans.space.store import finish_space, index_table, save_model_state, space_dir
     from tans.space.training import SpaceModel, ZooArrays, index_embeddings
     from tans.storage import Storage
     from tans.zoo.supernets import get_family
@@ -62,13 +62,13 @@ def make_toy_space(root: str, run: str, seed: int = 0, n_tasks: int = 3, per_tas
     table = toy_zoo_table(run, n_tasks, per_task, seed)
     emb = index_embeddings(model, ZooArrays.from_table(table))
     save_model_state(storage, run, model.state_dict())
-    storage.write_parquet(f"spaces/{run}/index.parquet", index_table(table, emb))
+    storage.write_parquet(f"{space_dir(run)}/index.parquet", index_table(table, emb))
     spec = ExtractorSpec(kind="supernet", uri=extractor_path, family=FAMILY, image_size=IMAGE_SIZE)
     info = {"run": run, "zoo": f"toy-{FAMILY}-{IMAGE_SIZE}px", "family": FAMILY, "image_size": IMAGE_SIZE,
             "feature_dim": family.penultimate_dim, "extractor": spec.to_dict(),
             "architecture": {"embed_dim": embed_dim, "hidden": 16, "attention": False, "predictor_hidden": 8}}
     finish_space(storage, run, info, set_latest=set_latest)
-    return storage.uri_of(f"spaces/{run}")
+    return storage.uri_of(space_dir(run))
 
 
 def toy_images(n_classes: int, per_class: int, size: int = IMAGE_SIZE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from tans import paths
 from tans.names import NAME_RE, NAME_RULE, is_valid_name
 from tans.storage import CorruptArtifact, Storage, StorageError
 
@@ -66,7 +67,7 @@ def check_task_name(name: str) -> str:
 
 
 def task_dir(name: str) -> str:
-    return f"tasks/{check_task_name(name)}"
+    return paths.task_dir(check_task_name(name))
 
 
 def task_exists(storage: Storage, name: str) -> bool:
@@ -77,7 +78,7 @@ def task_exists(storage: Storage, name: str) -> bool:
 def list_tasks(storage: Storage) -> list[str]:
     """Names of the complete tasks in the storage root."""
     names = []
-    for entry in storage.list("tasks"):
+    for entry in storage.list(paths.TASKS):
         name = entry.split("/", 1)[1]
         if is_valid_name(name) and task_exists(storage, name):
             names.append(name)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tans import paths
 from tans.data.reader import TaskTensors, decode_images, to_float
 from tans.data.tasks import read_split, read_task_info
 from tans.storage import Storage
@@ -225,7 +226,7 @@ def task_query(extractor: FeatureExtractor, storage: Storage, task: str, per_cla
 
 
 def query_path(extractor_name: str, task: str) -> str:
-    return f"queries/{extractor_name}/{task}.parquet"
+    return paths.query_file(extractor_name, task)
 
 
 def query_table(features: np.ndarray, labels: np.ndarray) -> pa.Table:

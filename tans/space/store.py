@@ -30,12 +30,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from tans import paths
 from tans.names import NAME_RULE, is_bare_name, is_valid_name
 from tans.space.encoders import SpaceError
 from tans.space.features import ExtractorSpec
 from tans.storage import CorruptArtifact, Storage, StorageError, new_generation  # noqa: F401 (re-export)
 
-LATEST = "spaces/LATEST"
+LATEST = paths.LATEST_SPACE
 INDEX_DROP = ("f_emb",)
 GENERATION_PREFIX = "g-"
 # What a run's files folder holds (the run folder itself, or a g-<id>/ generation inside it).
@@ -47,7 +48,7 @@ class SpaceNotFound(SpaceError):
 
 
 def space_dir(run: str) -> str:
-    return f"spaces/{run}"
+    return paths.space_dir(run)
 
 
 def index_table(zoo_table: pa.Table, embeddings: torch.Tensor) -> pa.Table:
@@ -103,9 +104,9 @@ def resolve_space(uri: str | None) -> tuple[Storage, str]:
         _check_run(text, uri)
         return Storage(), text
     parent, _, run = text.rpartition("/")
-    if parent.endswith("/spaces") or parent == "spaces":
+    if parent.endswith(f"/{paths.SPACES}") or parent == paths.SPACES:
         _check_run(run, uri)
-        return Storage(parent[: -len("/spaces")] if parent != "spaces" else "."), run
+        return Storage(parent[: -len(f"/{paths.SPACES}")] if parent != paths.SPACES else "."), run
     storage = Storage(text)
     return storage, _latest(storage)
 

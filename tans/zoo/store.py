@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from tans import paths
 from tans.storage import CorruptArtifact, Storage, StorageError
 
 ZOO_SCHEMA = pa.schema(
@@ -74,7 +75,7 @@ class ZooManifest:
 
 
 def zoo_dir(zoo: str) -> str:
-    return f"zoo/{zoo}"
+    return paths.zoo_dir(zoo)
 
 
 def part_path(zoo: str, task: str, generation: str = "") -> str:
@@ -84,7 +85,7 @@ def part_path(zoo: str, task: str, generation: str = "") -> str:
     per-task supernets under ``supernets/<zoo>/g-<id>/``); the new ``zoo.json``, whose ``parts``
     names the generation, swaps them in with one atomic write. Until then the old zoo is whole.
     """
-    return f"{zoo_dir(zoo)}/{generation + '/' if generation else ''}part-{task}.parquet"
+    return paths.zoo_part_file(zoo, task, generation)
 
 
 def rows_to_table(rows: list[ZooRow]) -> pa.Table:
@@ -104,7 +105,7 @@ def write_part(storage: Storage, zoo: str, task: str, rows: list[ZooRow], genera
 
 def finished_tasks(storage: Storage, zoo: str, generation: str = "") -> set[str]:
     """Tasks whose part file exists (complete, since parts are written atomically)."""
-    folder = f"{zoo_dir(zoo)}/{generation}" if generation else zoo_dir(zoo)
+    folder = paths.zoo_parts_dir(zoo, generation)
     prefix = f"{folder}/part-"
     return {
         p[len(prefix) : -len(".parquet")]
@@ -115,7 +116,7 @@ def finished_tasks(storage: Storage, zoo: str, generation: str = "") -> set[str]
 
 def base_folder(zoo: str, generation: str = "") -> str:
     """The base supernet's folder: ``supernets/<zoo>/base`` or ``supernets/<zoo>/<generation>/base``."""
-    return f"supernets/{zoo}/{generation + '/' if generation else ''}base"
+    return paths.base_dir(zoo, generation)
 
 
 def base_model_rel(storage: Storage, zoo: str) -> str:
@@ -125,7 +126,7 @@ def base_model_rel(storage: Storage, zoo: str) -> str:
     generation ``supernets/<zoo>/g-<id>/base/`` that the manifest swaps in; a standalone forced
     re-pretraining writes ``base/g-<id>/model.pt`` and swaps ``done.json`` (jobs.pretrain_supernet).
     """
-    generation = read_manifest(storage, zoo).parts if storage.is_file(f"{zoo_dir(zoo)}/zoo.json") else ""
+    generation = read_manifest(storage, zoo).parts if storage.is_file(paths.zoo_manifest(zoo)) else ""
     folder = base_folder(zoo, generation)
     if storage.is_file(f"{folder}/done.json"):
         model = storage.read_json(f"{folder}/done.json").get("model", "")
@@ -146,13 +147,14 @@ def readable_part(storage: Storage, zoo: str, task: str, generation: str = "") -
 
 def write_manifest(storage: Storage, manifest: ZooManifest) -> None:
     """Write ``zoo.json`` (the swap), then delete the parts and supernets it no longer names."""
-    storage.write_json(f"{zoo_dir(manifest.name)}/zoo.json", asdict(manifest))
+    storage.write_json(paths.zoo_manifest(manifest.name), asdict(manifest))
     drop_stale_generations(storage, manifest.name, manifest.parts)
 
 
 def drop_stale_generations(storage: Storage, zoo: str, live: str) -> None:
     """Remove other generations' parts and per-task supernets (and the first build's, once replaced)."""
-    for folder, first_build in ((zoo_dir(zoo), ("part-", "build.json")), (f"supernets/{zoo}", ("tasks", "base"))):
+    folders = ((zoo_dir(zoo), ("part-", "build.json")), (paths.supernet_dir(zoo), ("tasks", "base")))
+    for folder, first_build in folders:
         for entry in storage.list(folder):
             name = entry.rsplit("/", 1)[-1]
             if (name.startswith("g-") and name != live) or (live and name.startswith(first_build)):
@@ -161,7 +163,7 @@ def drop_stale_generations(storage: Storage, zoo: str, live: str) -> None:
 
 def read_manifest(storage: Storage, zoo: str) -> ZooManifest:
     try:
-        return ZooManifest(**storage.read_json(f"{zoo_dir(zoo)}/zoo.json"))
+        return ZooManifest(**storage.read_json(paths.zoo_manifest(zoo)))
     except CorruptArtifact:
         raise
     except StorageError:
@@ -181,7 +183,7 @@ def read_zoo(storage: Storage, zoo: str) -> pa.Table:
 
 
 def list_zoos(storage: Storage) -> list[str]:
-    return [p.split("/", 1)[1] for p in storage.list("zoo") if storage.is_file(f"{p}/zoo.json")]
+    return [p.split("/", 1)[1] for p in storage.list(paths.ZOO) if storage.is_file(f"{p}/zoo.json")]
 
 
 def zoo_stats(table: pa.Table) -> dict:
