@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -105,7 +105,8 @@ def finetune_trial(config: dict, data=None) -> None:
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump(state, f)
             tune.report({"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"],
-                         "train_loss": metrics["train_loss"], "lr": metrics["lr"], "epochs_done": metrics["epochs_done"],
+                         "train_loss": metrics["train_loss"], "lr": metrics["lr"],
+                         "epochs_done": metrics["epochs_done"],
                          "val_history": list(state["val"]), "test_history": list(state["test"])},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
         if die_trial == spec.trial and not os.path.exists(os.path.join(die_dir, "died")):
@@ -183,13 +184,12 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
 
 def _logme_chunk(rows: list[dict], images, labels, threads: int) -> list[float]:
     import torch
+    from threadpoolctl import threadpool_limits
 
     from tans.data.reader import TaskTensors
     from tans.selection.finetune import build_candidate, extract_features
     from tans.selection.logme import logme_score
     from tans.zoo.subnets import Arch
-
-    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(max(1, threads))
     data = TaskTensors(images, labels, int(labels.max()) + 1)
@@ -290,22 +290,44 @@ def search(cfg: SearchConfig, storage: Storage) -> dict:
         return _search(cfg, storage, hold)
 
 
-def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
-    import torch
+class _Index:
+    """The space's index columns, and TrialSpecs for its rows (one place that builds a trial)."""
 
+    def __init__(self, retriever):
+        self.retriever = retriever
+        table = retriever.index_table
+        self.rows = {m: i for i, m in enumerate(table.column("model_id").to_pylist())}
+        self.cols = {c: table.column(c).to_pylist()
+                     for c in ("task", "family", "ks", "e", "d", "accuracy", "supernet_uri")}
+
+    def spec(self, row: int, role: str, trial: str, seed: int, lr: float, epochs: int,
+             weights: str | None = "zoo", cand=None) -> TrialSpec:
+        cols, r = self.cols, self.retriever
+        arch = {"ks": cols["ks"][row], "e": cols["e"][row], "d": cols["d"][row]}
+        return TrialSpec(trial=trial, role=role, model_id=str(r.model_ids[row]), family=cols["family"][row],
+                         arch=arch, weights_uri=cols["supernet_uri"][row] if weights == "zoo" else weights,
+                         epochs=epochs, lr=lr, seed=seed, task=cols["task"][row],
+                         n_params=int(r.n_params[row]), flops=int(r.flops[row]),
+                         similarity=None if cand is None else cand.similarity,
+                         predicted_accuracy=None if cand is None else cand.predicted_accuracy)
+
+    def logme_row(self, row: int) -> dict:
+        return {k: self.cols[k][row] for k in ("family", "ks", "e", "d", "supernet_uri")}
+
+
+def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
+    """The stages: resolve and reuse, retrieve, fine-tune the candidates, baselines, export + report."""
     from tans.lease import Lease
     from tans.paths import search_dir
-
-    from tans.space.features import build_extractor, query_from_tensors, read_query
-    from tans.space.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask
+    from tans.space.retrieval import Retriever
+    from tans.space.store import space_location
 
     t_start = time.perf_counter()
-    retriever = Retriever.load(cfg.space or storage.uri)  # SpaceNotFound: one line
+    retriever = Retriever.load(space_location(cfg.space, storage))  # SpaceNotFound: one line
     info = retriever.info
     image_size = int(info["image_size"])
     task, how = prepare_dataset(storage, cfg.dataset, image_size)
-    run = run_name(cfg, task)
-    run_dir = search_dir(run)
+    run_dir = search_dir(run_name(cfg, task))
     fingerprint = search_fingerprint(cfg, task, info)
     check_run(storage, run_dir, fingerprint, cfg.force)
     if storage.is_file(f"{run_dir}/report.json") and not cfg.force:
@@ -317,33 +339,8 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                             cfg.max_test_images)
     constraints = {"max_params": cfg.max_params or None, "max_flops": cfg.max_flops or None,
                    "family": cfg.family or None}
-
-    # -- TANS selection: encode + retrieve (the time a user waits for the ranking)
-    extractor = build_extractor(retriever.extractor_spec)
-    t_sel = time.perf_counter()
-    qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
-    try:
-        result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, rerank=cfg.rerank,
-                                    **constraints)
-    except UnsatisfiableConstraint as exc:
-        raise SearchError(str(exc)) from None
-    tans_seconds = time.perf_counter() - t_sel
-    if result.note:
-        print(f"[search] note: {result.note}")
-    table = retriever.index_table
-    rows = {m: i for i, m in enumerate(table.column("model_id").to_pylist())}
-    cols = {c: table.column(c).to_pylist() for c in ("task", "family", "ks", "e", "d", "accuracy", "supernet_uri")}
-
-    def spec_of(row: int, role: str, trial: str, seed: int, lr: float, epochs: int, weights: str | None = "zoo",
-                cand=None) -> TrialSpec:
-        arch = {"ks": cols["ks"][row], "e": cols["e"][row], "d": cols["d"][row]}
-        return TrialSpec(trial=trial, role=role, model_id=str(retriever.model_ids[row]), family=cols["family"][row],
-                         arch=arch, weights_uri=cols["supernet_uri"][row] if weights == "zoo" else weights,
-                         epochs=epochs, lr=lr, seed=seed, task=cols["task"][row],
-                         n_params=int(retriever.n_params[row]), flops=int(retriever.flops[row]),
-                         similarity=None if cand is None else cand.similarity,
-                         predicted_accuracy=None if cand is None else cand.predicted_accuracy)
-
+    qx, result, tans_seconds = _retrieve(cfg, retriever, data, constraints)
+    index = _Index(retriever)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     fine = result.candidates[: cfg.finetune]
     print(f"[search] {task} ({how}): {len(data.classes)} classes, train {len(data.train)} / val {len(data.val)} / "
@@ -357,67 +354,136 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     runtime.init_ray()
     claim_run(storage, run_dir, fingerprint)
     storage.write_json(f"{run_dir}/search.json", {"config": to_dict(cfg), "task": task, "space": info["run"]})
-    cand_specs = [spec_of(rows[c.model_id], "candidate", f"cand{i}-lr{lr:g}-s{s}", s, lr, cfg.epochs, cand=c)
+    cand_specs = [index.spec(index.rows[c.model_id], "candidate", f"cand{i}-lr{lr:g}-s{s}", s, lr, cfg.epochs, cand=c)
                   for i, c in enumerate(fine) for lr in cfg.lrs for s in seeds]
     cand_results = run_trials(storage, run_dir, "candidates", cand_specs, data, cfg, asha=cfg.asha)
     candidates = summarise_candidates(cand_results)
     winner = choose_winner(candidates)
-    w_row, w_lr = rows[winner["model_id"]], winner["lr"]
-    print(f"[search] winner {winner['model_id']} (val {winner['val_accuracy']:.3f}, lr {w_lr:g})", flush=True)
+    print(f"[search] winner {winner['model_id']} (val {winner['val_accuracy']:.3f}, lr {winner['lr']:g})", flush=True)
 
-    # -- baselines (and the oracle): same data, seeds, epochs and lr as the winner
+    base_specs, extra, logme_seconds = _baseline_specs(cfg, index, winner, qx, data, constraints, result, seeds)
+    baselines, base_results = _run_baselines(storage, run_dir, cfg, data, base_specs, extra, cand_results,
+                                             candidates, len(seeds))
+
+    # -- the winner: export, re-measure, check the constraints
+    win_trials = [r for r in cand_results if r.spec.model_id == winner["model_id"] and r.spec.lr == winner["lr"]]
+    model_uri, measured = _export_winner(storage, run_dir, next(r for r in win_trials if r.status != "failed"),
+                                         data, image_size, winner, info, constraints, candidates, baselines)
+    for key, limit in (("n_params", cfg.max_params), ("flops", cfg.max_flops)):
+        if limit and measured[key] > limit:
+            raise SearchError(f"the exported winner has {key}={measured[key]} > {limit}: the zoo's measurement "
+                              "and the export disagree (a bug; please report it)")
+    _list_unfinetuned(candidates, result.candidates)
+    report = {
+        "dataset": {"src": cfg.dataset, "task": task, "how": how, "classes": len(data.classes),
+                    "train": len(data.train), "val": len(data.val), "test": len(data.test)},
+        "constraints": dict(constraints),
+        "space": {"run": info["run"], "zoo": info["zoo"], "uri": info["uri"]},
+        "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "epochs": cfg.epochs, "seeds": cfg.seeds,
+                     "lrs": list(cfg.lrs), "batch_size": cfg.batch_size, "asha": cfg.asha, "seed": cfg.seed},
+        "search_seconds": round(time.perf_counter() - t_start, 1),
+        "selection_seconds": {"tans": round(tans_seconds, 3),
+                              "logme": None if logme_seconds is None else round(logme_seconds, 3)},
+        "retrieval_note": result.note,
+        "candidates": candidates,
+        "winner": {**winner, "model_uri": model_uri, "measured": measured},
+        "winner_result": baseline_entry(win_trials),
+        "baselines": baselines,
+        "failed_trials": [{"trial": r.spec.trial, "model_id": r.spec.model_id, "error": r.error}
+                          for r in [*cand_results, *base_results] if r.status == "failed"],
+        "config": to_dict(cfg),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _write_report(storage, run_dir, report, lease)
+    return report
+
+
+def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
+    """Encode the query and retrieve: (query features, RetrievalResult, seconds a user waits for it)."""
+    import torch
+
+    from tans.space.features import build_extractor, query_from_tensors
+    from tans.space.retrieval import UnsatisfiableConstraint
+
+    extractor = build_extractor(retriever.extractor_spec)
+    t_sel = time.perf_counter()
+    qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
+    try:
+        result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, rerank=cfg.rerank,
+                                    **constraints)
+    except UnsatisfiableConstraint as exc:
+        raise SearchError(str(exc)) from None
+    seconds = time.perf_counter() - t_sel
+    if result.note:
+        print(f"[search] note: {result.note}")
+    return qx, result, seconds
+
+
+def _baseline_specs(cfg: SearchConfig, index: _Index, winner: dict, qx, data, constraints: dict, result,
+                    seeds: list[int]) -> tuple[dict[str, list[TrialSpec]], dict[str, dict], float | None]:
+    """The baselines' (and the oracle's) trials: same data, seeds, epochs and lr as the winner.
+    Returns (trials by baseline, extra report fields by baseline, LogME's seconds or None)."""
+    from tans.space.features import read_query
+    from tans.space.retrieval import constraint_mask
+
+    retriever, cols, info = index.retriever, index.cols, index.retriever.info
+    w_row, w_lr = index.rows[winner["model_id"]], winner["lr"]
     pool = np.flatnonzero(constraint_mask(retriever.n_params, retriever.flops, retriever.families, **constraints))
-    base_specs: dict[str, list[TrialSpec]] = {}
-    extra: dict[str, dict] = {}
-    zoo = info["zoo"]
     space_root = _space_root(retriever)
+    specs: dict[str, list[TrialSpec]] = {}
+    extra: dict[str, dict] = {}
+
+    def same_as_winner(role: str, row: int, trial: str, epochs: int = cfg.epochs, weights: str | None = "zoo"):
+        return [index.spec(row, role, f"{trial}-s{s}", s, w_lr, epochs, weights=weights) for s in seeds]
+
     if "scratch" in cfg.baselines:
-        base_specs["scratch"] = [spec_of(w_row, "scratch", f"scratch-s{s}", s, w_lr, cfg.epochs, weights=None) for s in seeds]
+        specs["scratch"] = same_as_winner("scratch", w_row, "scratch", weights=None)
     if "scratch_matched" in cfg.baselines:
-        matched = cfg.epochs * len(fine) * len(cfg.lrs)
-        base_specs["scratch_matched"] = [spec_of(w_row, "scratch_matched", f"scratch_matched-s{s}", s, w_lr, matched,
-                                                 weights=None) for s in seeds]
+        matched = cfg.epochs * min(cfg.finetune, len(result.candidates)) * len(cfg.lrs)
+        specs["scratch_matched"] = same_as_winner("scratch_matched", w_row, "scratch_matched", matched, weights=None)
         extra["scratch_matched"] = {"epochs": matched}
     if "generic" in cfg.baselines:
         from tans.zoo.store import base_model_rel
 
-        base = space_root.uri_of(base_model_rel(space_root, zoo))
-        base_specs["generic"] = [spec_of(w_row, "generic", f"generic-s{s}", s, w_lr, cfg.epochs, weights=base) for s in seeds]
+        base = space_root.uri_of(base_model_rel(space_root, info["zoo"]))
+        specs["generic"] = same_as_winner("generic", w_row, "generic", weights=base)
     if "random" in cfg.baselines:
         picks = pick_random(pool, cfg.random_models, cfg.seed)
-        base_specs["random"] = [spec_of(r, "random", f"random{j}-s{s}", s, w_lr, cfg.epochs)
-                                for j, r in enumerate(picks) for s in seeds]
+        specs["random"] = [s for j, r in enumerate(picks) for s in same_as_winner("random", r, f"random{j}")]
     if "nearest_dataset" in cfg.baselines:
-        ex_name = info["extractor"]["name"]
         means = {}
         for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
             try:
-                means[t] = read_query(space_root, ex_name, t)[0].mean(axis=0)
-            except Exception:  # noqa: BLE001 - a task without a stored query is simply not a neighbour
+                means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
+            except Exception:  # a task without a stored query is simply not a neighbour
                 continue
         row, near_task, sim = pick_nearest_dataset(qx.mean(axis=0), means, pool, np.asarray(cols["task"], dtype=object),
                                                    np.asarray(cols["accuracy"]))
-        base_specs["nearest_dataset"] = [spec_of(row, "nearest_dataset", f"nearest-s{s}", s, w_lr, cfg.epochs)
-                                         for s in seeds]
+        specs["nearest_dataset"] = same_as_winner("nearest_dataset", row, "nearest")
         extra["nearest_dataset"] = {"zoo_task": near_task, "feature_cosine": sim}
     logme_seconds = None
     if "logme" in cfg.baselines:
         sample = logme_sample(pool, cfg.logme_pool, cfg.seed)
         t_l = time.perf_counter()
-        scores = logme_scores([{"family": cols["family"][r], "ks": cols["ks"][r], "e": cols["e"][r], "d": cols["d"][r],
-                                "supernet_uri": cols["supernet_uri"][r]} for r in sample],
-                              data, cfg.logme_images, cfg.seed, cfg.cpus_per_trial)
+        scores = logme_scores([index.logme_row(r) for r in sample], data, cfg.logme_images, cfg.seed,
+                              cfg.cpus_per_trial)
         logme_seconds = time.perf_counter() - t_l
-        best = int(sample[int(np.argmax(scores))])
-        base_specs["logme"] = [spec_of(best, "logme", f"logme-s{s}", s, w_lr, cfg.epochs) for s in seeds]
+        specs["logme"] = same_as_winner("logme", int(sample[int(np.argmax(scores))]), "logme")
         extra["logme"] = {"pool_size": int(len(pool)), "pool_scored": int(len(sample)), "score": float(max(scores)),
                           "seconds": round(logme_seconds, 2)}
         print(f"[search] LogME scored {len(sample)} of {len(pool)} pool models in {logme_seconds:.1f}s", flush=True)
     if cfg.oracle:
-        base_specs["oracle"] = [spec_of(rows[c.model_id], "oracle", f"oracle{i}-s{s}", s, w_lr, cfg.epochs, cand=c)
-                                for i, c in enumerate(result.candidates) for s in seeds]
+        specs["oracle"] = [index.spec(index.rows[c.model_id], "oracle", f"oracle{i}-s{s}", s, w_lr, cfg.epochs, cand=c)
+                           for i, c in enumerate(result.candidates) for s in seeds]
+    return specs, extra, logme_seconds
 
-    # a network trained the same way twice is trained once: share results by TrialSpec.key()
+
+def _run_baselines(storage: Storage, run_dir: str, cfg: SearchConfig, data, base_specs: dict[str, list[TrialSpec]],
+                   extra: dict[str, dict], cand_results: list[TrialResult], candidates: list[dict],
+                   n_seeds: int) -> tuple[dict, list[TrialResult]]:
+    """Run the baselines' trials (a network trained the same way twice is trained once: results
+    are shared by TrialSpec.key()); (baselines for the report, their results). The oracle's
+    fine-tuned candidates are appended to ``candidates``."""
     done = {r.spec.key(): r for r in cand_results if r.status == "finished"}
     todo: dict[tuple, TrialSpec] = {}
     for specs in base_specs.values():
@@ -433,31 +499,26 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     for name, specs in base_specs.items():
         results = [replace(done[s.key()], spec=s) if s.key() in done else TrialResult(s, "failed", error="not run")
                    for s in specs]
-        if name == "oracle":
-            cands = summarise_candidates(results)
-            ok = [c for c in cands if c["test_accuracy"] is not None]
-            best = max(ok, key=lambda c: c["test_accuracy"]) if ok else None
-            baselines["oracle"] = {"test_accuracy": best and best["test_accuracy"], "std": best and best["test_std"],
-                                   "n": len(seeds), "models": [best["model_id"]] if best else [],
-                                   "epoch_accuracy": best["epoch_accuracy"] if best else [],
-                                   "candidates_finetuned": len(cands)}
-            # every top-k candidate now has a fine-tuned result: show them all in the report
-            known = {c["model_id"] for c in candidates}
-            candidates += [c for c in cands if c["model_id"] not in known]
+        if name != "oracle":
+            baselines[name] = baseline_entry(results, **extra.get(name, {}))
             continue
-        baselines[name] = baseline_entry(results, **extra.get(name, {}))
+        cands = summarise_candidates(results)
+        ok = [c for c in cands if c["test_accuracy"] is not None]
+        best = max(ok, key=lambda c: c["test_accuracy"]) if ok else None
+        baselines["oracle"] = {"test_accuracy": best and best["test_accuracy"], "std": best and best["test_std"],
+                               "n": n_seeds, "models": [best["model_id"]] if best else [],
+                               "epoch_accuracy": best["epoch_accuracy"] if best else [],
+                               "candidates_finetuned": len(cands)}
+        # every top-k candidate now has a fine-tuned result: show them all in the report
+        known = {c["model_id"] for c in candidates}
+        candidates += [c for c in cands if c["model_id"] not in known]
+    return baselines, base_results
 
-    # -- the winner: export, re-measure, check the constraints
-    win_trials = [r for r in cand_results if r.spec.model_id == winner["model_id"] and r.spec.lr == w_lr
-                  and r.status != "failed"]
-    model_uri, measured = _export_winner(storage, run_dir, win_trials[0], data, image_size, winner, info,
-                                         constraints, candidates, baselines)
-    for key, limit in (("n_params", cfg.max_params), ("flops", cfg.max_flops)):
-        if limit and measured[key] > limit:
-            raise SearchError(f"the exported winner has {key}={measured[key]} > {limit}: the zoo's measurement "
-                              "and the export disagree (a bug; please report it)")
-    order = {c.model_id: i for i, c in enumerate(result.candidates)}
-    for c in result.candidates:  # retrieved but not fine-tuned candidates are listed too
+
+def _list_unfinetuned(candidates: list[dict], retrieved) -> None:
+    """Add the retrieved but not fine-tuned candidates to ``candidates``; sort all in retrieval order."""
+    order = {c.model_id: i for i, c in enumerate(retrieved)}
+    for c in retrieved:
         if c.model_id not in {x["model_id"] for x in candidates}:
             candidates.append({"model_id": c.model_id, "task": c.task, "n_params": c.n_params, "flops": c.flops,
                                "lr": None, "similarity": c.similarity, "predicted_accuracy": c.predicted_accuracy,
@@ -465,26 +526,10 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                                "epoch_val_accuracy": [], "seeds": 0, "status": "not fine-tuned", "errors": [],
                                "trials": []})
     candidates.sort(key=lambda c: order.get(c["model_id"], 1 << 30))
-    winner_trials = [r for r in cand_results if r.spec.model_id == winner["model_id"] and r.spec.lr == w_lr]
-    report = {
-        "dataset": {"src": cfg.dataset, "task": task, "how": how, "classes": len(data.classes),
-                    "train": len(data.train), "val": len(data.val), "test": len(data.test)},
-        "constraints": {k: v for k, v in constraints.items()},
-        "space": {"run": info["run"], "zoo": zoo, "uri": info["uri"]},
-        "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "epochs": cfg.epochs, "seeds": cfg.seeds,
-                     "lrs": list(cfg.lrs), "batch_size": cfg.batch_size, "asha": cfg.asha, "seed": cfg.seed},
-        "search_seconds": round(time.perf_counter() - t_start, 1),
-        "selection_seconds": {"tans": round(tans_seconds, 3), "logme": None if logme_seconds is None else round(logme_seconds, 3)},
-        "retrieval_note": result.note,
-        "candidates": candidates,
-        "winner": {**winner, "model_uri": model_uri, "measured": measured},
-        "winner_result": baseline_entry(winner_trials),
-        "baselines": baselines,
-        "failed_trials": [{"trial": r.spec.trial, "model_id": r.spec.model_id, "error": r.error}
-                          for r in [*cand_results, *base_results] if r.status == "failed"],
-        "config": to_dict(cfg),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+
+
+def _write_report(storage: Storage, run_dir: str, report: dict, lease) -> None:
+    """report.md, report.png, then report.json last (it marks the search as finished)."""
     storage.write_text(f"{run_dir}/report.md", report_markdown(report))
     with tempfile.TemporaryDirectory() as tmp:
         png = os.path.join(tmp, "report.png")
@@ -492,10 +537,9 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
         with open(png, "rb") as f:
             storage.write_bytes(f"{run_dir}/report.png", f.read())
     lease.check()  # another writer took the run over: leave the report to it
-    storage.write_json(f"{run_dir}/report.json", report)  # last: marks the search as finished
+    storage.write_json(f"{run_dir}/report.json", report)
     print(report_markdown(report).split("## Candidates")[0].rstrip())
     print(f"[search] done in {report['search_seconds']:.0f}s -> {storage.uri_of(run_dir)}", flush=True)
-    return report
 
 
 def _card_tables(winner: dict, candidates: list[dict], baselines: dict) -> dict[str, list[dict]]:
