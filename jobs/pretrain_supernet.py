@@ -264,6 +264,33 @@ def _wait_for_reported_checkpoint(timeout_s: float = 30.0) -> None:
 # -- the driver ------------------------------------------------------------------------------
 
 
+def _reuse_finished(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str) -> str:
+    """The finished base's model path, after checking it was trained for this zoo."""
+    done = storage.read_json(f"{base}/done.json")
+    # Other epochs or lr: finished is finished. Another body, input size or head: not the same base.
+    for key, want in (("family", cfg.family), ("image_size", cfg.image_size), ("tasks", list(tasks))):
+        if done.get(key) != want:
+            raise ZooError(f"the base supernet of zoo {cfg.name!r} was trained with {key}={done.get(key)!r}, "
+                           f"not {want!r}: pick another zoo name or use --force")
+    model_rel = done.get("model") or f"{base}/model.pt"
+    print(f"[pretrain] reusing the finished base supernet {storage.uri_of(model_rel)}")
+    return model_rel
+
+
+def _save_final(cfg: ZooConfig, storage: Storage, result, model_rel: str) -> dict:
+    """Copy the last checkpoint's weights to ``model_rel``; returns the run's state (history)."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining of {cfg.name!r} ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state_dict = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
+        with open(os.path.join(d, "state.json")) as f:
+            state = json.load(f)
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    storage.write_bytes(model_rel, buf.getvalue())
+    return state
+
+
 def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str = "") -> str:
     """Pretrain (or reuse) the base supernet of zoo ``cfg.name`` on ``tasks`` (meta_train).
 
@@ -276,17 +303,9 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str 
     from tans.zoo.supernets import get_family
 
     base = base or base_dir(cfg.name)  # build-zoo --force passes its generation's own base folder
-    model_rel, done_rel = f"{base}/model.pt", f"{base}/done.json"
+    done_rel = f"{base}/done.json"
     if storage.is_file(done_rel) and not cfg.force:
-        done = storage.read_json(done_rel)
-        # Other epochs or lr: finished is finished. Another body, input size or head: not the same base.
-        for key, want in (("family", cfg.family), ("image_size", cfg.image_size), ("tasks", list(tasks))):
-            if done.get(key) != want:
-                raise ZooError(f"the base supernet of zoo {cfg.name!r} was trained with {key}={done.get(key)!r}, "
-                               f"not {want!r}: pick another zoo name or use --force")
-        model_rel = done.get("model") or model_rel
-        print(f"[pretrain] reusing the finished base supernet {storage.uri_of(model_rel)}")
-        return model_rel
+        return _reuse_finished(cfg, storage, tasks, base)
 
     p = cfg.pretrain
     splits = load_splits(cfg.splits)
@@ -337,15 +356,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str 
         progress.put(None)
         printer.join(timeout=10)
         progress.shutdown()
-    if result.checkpoint is None:
-        raise RuntimeError(f"pretraining of {cfg.name!r} ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        state_dict = torch.load(os.path.join(d, "model.pt"), map_location="cpu", weights_only=True)
-        with open(os.path.join(d, "state.json")) as f:
-            state = json.load(f)
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    storage.write_bytes(model_rel, buf.getvalue())
+    state = _save_final(cfg, storage, result, model_rel)
     storage.write_json(
         done_rel,
         {

@@ -207,6 +207,16 @@ def model_card(meta: dict, tables: Mapping[str, Sequence[Mapping[str, Any]]] | N
         f"- **Architecture**: kernel sizes `{meta['arch'].get('ks')}`, expand ratios `{meta['arch'].get('e')}`, "
         f"depths `{meta['arch'].get('d')}`",
     ]
+    lines += _card_search_lines(meta, extra)
+    for title, rows in (tables or {}).items():
+        if rows:
+            lines += ["", f"## {title}", "", *markdown_table(rows)]
+    return "\n".join(lines + _card_usage_lines(meta)) + "\n"
+
+
+def _card_search_lines(meta: dict, extra: dict) -> list[str]:
+    """The card's constraints, accuracy and lineage bullets (what the exporter recorded in ``extra``)."""
+    lines = []
     budget = {k: v for k, v in (extra.get("constraints") or {}).items() if v}
     if budget:
         parts = []
@@ -226,11 +236,14 @@ def model_card(meta: dict, tables: Mapping[str, Sequence[Mapping[str, Any]]] | N
     lineage = [(k, extra[k]) for k in ("model_id", "zoo_task", "space", "lr", "epochs", "seed") if k in extra]
     if lineage:
         lines.append("- **Lineage**: " + ", ".join(f"{k} `{v}`" for k, v in lineage))
-    for title, rows in (tables or {}).items():
-        if rows:
-            lines += ["", f"## {title}", "", *markdown_table(rows)]
+    return lines
+
+
+def _card_usage_lines(meta: dict) -> list[str]:
+    """The card's preprocessing, how-to-load and files sections."""
+    size = meta["image_size"]
     pre = meta["preprocessing"]
-    lines += [
+    return [
         "",
         "## Preprocessing",
         "",
@@ -276,7 +289,6 @@ def model_card(meta: dict, tables: Mapping[str, Sequence[Mapping[str, Any]]] | N
         f"`{CONFIG_JSON}`, the safetensors header (`tans.export_id`) and this card name export "
         f"`{meta.get('export_id')}`: files that name another export are left over from an interrupted re-export.",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def export_model(
