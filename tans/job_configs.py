@@ -20,6 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGED_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = PACKAGED_CONFIG_DIR if PACKAGED_CONFIG_DIR.is_dir() else REPO_ROOT / "configs"
 
+# The baselines a search can run beside the TANS pick (``SearchConfig.baselines``; defined here,
+# where configs are checked without importing anything heavy; tans.selection.search uses it).
+BASELINES = ("scratch", "scratch_matched", "generic", "random", "nearest_dataset", "logme")
+
 
 @dataclass
 class IngestConfig:
@@ -274,8 +278,7 @@ class SearchConfig:
     query_per_class: int = 20  # images per class encoded as the query
     seed: int = 0
     oracle: bool = False  # also fine-tune every top-k candidate: the best test accuracy among them
-    baselines: list[str] = field(default_factory=lambda: ["scratch", "scratch_matched", "generic", "random",
-                                                          "nearest_dataset", "logme"])
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     random_models: int = 3
     logme_pool: int = 32  # LogME scores at most this many pool models (seeded sample); 0 = all
     logme_images: int = 500  # train images whose features LogME scores
@@ -301,10 +304,9 @@ class SearchConfig:
             raise ValueError("lrs must be a non-empty list of positive learning rates")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        known = ("scratch", "scratch_matched", "generic", "random", "nearest_dataset", "logme")
         for b in self.baselines:
-            if b not in known:
-                raise ValueError(f"unknown baseline {b!r} (known: {', '.join(known)})")
+            if b not in BASELINES:
+                raise ValueError(f"unknown baseline {b!r} (known: {', '.join(BASELINES)})")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         check_precision(self.precision, "precision")
@@ -325,7 +327,7 @@ class EvaluateConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # each fixes split, samples, pool and fine-tunes
     pool_cap: int = 16  # pool = the constrained zoo, or a seeded stratified sample of this many; 0 = all
     methods: list[str] = field(default_factory=list)  # empty: every method (tans.selection.evaluation.METHODS)
-    references: list[str] = field(default_factory=lambda: ["scratch", "generic", "scratch_long"])
+    references: list[str] = field(default_factory=lambda: _all_references())  # every reference
     scratch_long_factor: int = 10  # scratch_long trains this many times the recipe's epochs (first seed only)
     cpus_per_trial: float = 0.0  # 0: the recipe's
     gpus_per_trial: float = -1.0  # < 0: the recipe's
@@ -351,6 +353,13 @@ class EvaluateConfig:
             raise ValueError(f"scratch_long_factor must be >= 1, got {self.scratch_long_factor}")
         if not self.search:
             raise ValueError("search: name the search config whose fine-tune recipe is the ground truth")
+
+
+def _all_references() -> list[str]:
+    """Every reference fine-tune of an evaluation (tans.selection.evaluation.REFERENCES, numpy only)."""
+    from tans.selection.evaluation import REFERENCES
+
+    return list(REFERENCES)
 
 
 def check_precision(value: str, key: str) -> None:

@@ -16,6 +16,7 @@ BatchNorm recalibration fp32); ``"fp32"``, the default, is the plain fp32 path.
 Sizes: :func:`model_size` of a standalone subnet equals :func:`tans.zoo.measure.count_params` /
 :func:`tans.zoo.measure.count_flops` of its arch on the supernet (classifier excluded), so the
 exported winner reports the same numbers as its zoo row and the constraints it was searched with.
+BatchNorm recalibration, accuracy and sizes are :mod:`tans.zoo.model_ops`, shared with the zoo.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from torch import nn
 
 from tans.data.reader import TaskTensors, iter_batches
 from tans.zoo.elastic import autocast, check_precision, cosine_lr, make_optimizer
-from tans.zoo.measure import flops_of
+from tans.zoo.model_ops import features as features  # re-exported: the penultimate features
+from tans.zoo.model_ops import headless_flops, headless_params, model_device, recalibrate_bn_stats, top1_correct
 from tans.zoo.small_maps import fast_layout
 from tans.zoo.subnets import Arch, set_arch
 from tans.zoo.supernets import (
     SupernetError,
     _read_checkpoint_bytes,
     _state_dict_from,
-    forward_features,
     get_family,
     load_state,
     new_head,
@@ -165,29 +166,11 @@ def build_structure(family_name: str, arch: Arch, num_classes: int, dropout: flo
 # -- features, accuracy, size ------------------------------------------------------------------
 
 
-def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Penultimate features (the classifier's input) of a standalone subnet or a supernet."""
-    net: Any = unwrap(model)  # an OFA network (untyped): a supernet or an exported MobileNetV3
-    if hasattr(net, "runtime_depth"):  # an OFA supernet: its active subnet
-        return forward_features(net, x)
-    x = net.first_conv(x)
-    for block in net.blocks:
-        x = block(x)
-    x = net.final_expand_layer(x)
-    x = net.global_avg_pool(x)
-    x = net.feature_mix_layer(x)
-    return x.flatten(1)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def extract_features(model: nn.Module, data: TaskTensors, batch_size: int = 256) -> np.ndarray:
     """Penultimate features of every image of ``data`` (eval mode, no grad), ``N x D`` float32."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     out = []
     try:
         with torch.no_grad():
@@ -204,22 +187,11 @@ def evaluate_accuracy(model: nn.Module, data: TaskTensors, batch_size: int = 256
     """Top-1 accuracy of ``model`` on ``data`` (eval mode, no grad; the mode is restored).
 
     ``precision="bf16"``: the forwards run under bfloat16 autocast (logits cast to fp32).
+    (:func:`tans.zoo.model_ops.top1_correct`, as the zoo's accuracies.)
     """
     if len(data) == 0:
         raise ValueError("evaluate_accuracy needs at least one image")
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    correct = 0
-    try:
-        with torch.no_grad():
-            for images, labels in iter_batches(data, batch_size):
-                with autocast(device, precision):
-                    logits = model(images.to(device))
-                pred = logits.float().argmax(dim=1).cpu()
-                correct += int((pred == labels).sum())
-    finally:
-        model.train(was_training)
+    correct, _ = top1_correct(model, iter_batches(data, batch_size), precision)
     return correct / len(data)
 
 
@@ -231,8 +203,9 @@ def recalibrate_bn(model: nn.Module, data: TaskTensors, batch_size: int, max_ima
     (the last partial batch is dropped unless it is the only one) of all images, or of
     ``max_images`` of them drawn with ``seed`` (not the first ones: data is often sorted by
     class). Deterministic; only features are computed, so the classifier and its dropout are
-    not run. As :func:`tans.zoo.measure.recalibrate_bn` does for the zoo's accuracies: after a short
-    fine-tune the momentum averages lag far behind the weights.
+    not run. The same recalibration as the zoo's accuracies
+    (:func:`tans.zoo.model_ops.recalibrate_bn_stats`): after a short fine-tune the momentum
+    averages lag far behind the weights.
     """
     n = len(data) if max_images is None else min(len(data), max_images)
     if n < 2:
@@ -241,46 +214,18 @@ def recalibrate_bn(model: nn.Module, data: TaskTensors, batch_size: int, max_ima
         pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
         data = subset(data, pick.sort().values)
     bs = min(batch_size, n)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in bns]
-    was_training = model.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    model.train()
-    device = _device(model)
-    used = 0
-    try:
-        with torch.no_grad():
-            for images, _ in iter_batches(data, bs, drop_last=True):
-                features(model, images.to(device))
-                used += images.shape[0]
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
-    return used
+    return recalibrate_bn_stats(model, iter_batches(data, bs, drop_last=True))
 
 
 def model_size(model: nn.Module, image_size: int) -> tuple[int, int]:
     """``(n_params, flops)`` of a standalone subnet without its classifier head.
 
-    The zoo's definitions (:mod:`tans.zoo.measure`): parameters of everything but the classifier;
-    FLOPs counted by ``FlopCounterMode`` (2 per multiply-add) for one 3-channel ``image_size``
-    image in eval mode. Equal to ``count_params`` / ``count_flops`` of the same arch on its supernet.
+    The zoo's definitions (:mod:`tans.zoo.model_ops`, as :mod:`tans.zoo.measure` counts them):
+    parameters of everything but the classifier; FLOPs counted by ``FlopCounterMode`` (2 per
+    multiply-add) for one 3-channel ``image_size`` image in eval mode. Equal to ``count_params``
+    / ``count_flops`` of the same arch on its supernet.
     """
-    net = unwrap(model)
-    n_params = sum(p.numel() for name, p in net.named_parameters() if not name.startswith("classifier."))
-    head, was_training = net.classifier, net.training
-    net.classifier = nn.Identity()
-    net.eval()
-    try:
-        x = torch.zeros(1, 3, image_size, image_size, device=_device(net))
-        flops = flops_of(net, x)
-    finally:
-        net.classifier = head
-        net.train(was_training)
-    return int(n_params), int(flops)
+    return headless_params(model), headless_flops(model, image_size)
 
 
 # -- fine-tuning -------------------------------------------------------------------------------

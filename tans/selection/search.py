@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from tans.data.tasks import TaskError, check_task_name, read_task_info, task_exists
+from tans.job_configs import BASELINES
 from tans.storage import Storage
-
-BASELINES = ("scratch", "scratch_matched", "generic", "random", "nearest_dataset", "logme")
 
 
 class SearchError(ValueError):

@@ -13,7 +13,9 @@ Definitions (the zoo row schema, tans.zoo.store.ZOO_SCHEMA):
   recalibration, the counts and ``f_emb`` stay fp32.
 
 Everything runs on the supernet in place (no per-subnet copy): only the counts build a static
-subnet, and those depend on the architecture alone, so they are cached across tasks.
+subnet, and those depend on the architecture alone, so they are cached across tasks. The
+recalibration, accuracy and counting code is :mod:`tans.zoo.model_ops`, shared with the
+fine-tunes of :mod:`tans.selection.finetune`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from tans.zoo.elastic import autocast
-from tans.zoo.small_maps import plain_copy
+from tans.zoo.model_ops import (
+    bn_layers,
+    headless_flops,
+    headless_params,
+    model_device,
+    recalibrate_bn_stats,
+    top1_correct,
+)
+from tans.zoo.model_ops import flops_of as flops_of  # re-exported: the zoo's FLOP convention
 from tans.zoo.subnets import Arch, set_arch
 from tans.zoo.supernets import forward_features, unwrap
 
@@ -52,14 +60,12 @@ def _structure(net: nn.Module) -> tuple:
     return (type(ofa).__name__, ofa.width_mult, tuple(ofa.ks_list), tuple(ofa.expand_ratio_list), tuple(ofa.depth_list))
 
 
-def _headless_subnet(model: nn.Module, arch: Arch) -> nn.Module:
-    """The exported static subnet of ``arch`` with its classifier replaced by the identity."""
+def _static_subnet(model: nn.Module, arch: Arch) -> nn.Module:
+    """The exported static subnet of ``arch`` (with the supernet's head; the counts leave it out)."""
     net: Any = unwrap(model)  # an OFAMobileNetV3 (untyped)
     set_arch(net, arch)
     # preserve_weight=False: only the shapes matter for counting, so skip copying weights.
-    sub = net.get_active_subnet(preserve_weight=False)
-    sub.classifier = nn.Identity()
-    return sub.eval()
+    return net.get_active_subnet(preserve_weight=False)
 
 
 def count_params(model: nn.Module, arch: Arch) -> int:
@@ -67,16 +73,9 @@ def count_params(model: nn.Module, arch: Arch) -> int:
     net = unwrap(model)
     key = (_structure(net), arch, None)
     if key not in _COUNT_CACHE:
-        _COUNT_CACHE[key] = sum(p.numel() for p in _headless_subnet(net, arch).parameters())
+        _COUNT_CACHE[key] = headless_params(_static_subnet(net, arch))
     set_arch(net, arch)
     return _COUNT_CACHE[key]
-
-
-def flops_of(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of ``module(x)`` as ``FlopCounterMode`` counts them (2 per multiply-add), no grad."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        plain_copy(module)(x)
-    return int(counter.get_total_flops())
 
 
 def count_flops(model: nn.Module, arch: Arch, image_size: int) -> int:
@@ -84,11 +83,9 @@ def count_flops(model: nn.Module, arch: Arch, image_size: int) -> int:
     net = unwrap(model)
     key = (_structure(net), arch, int(image_size))
     if key not in _COUNT_CACHE:
-        sub = _headless_subnet(net, arch)
-        x = torch.zeros(1, 3, image_size, image_size, device=next(sub.parameters()).device)
         # Counted on the exported static subnet: on the supernet, OFA's kernel transforms
         # (7x7 -> 5x5 -> 3x3 matmuls on the weights) would be counted as if they were inference.
-        _COUNT_CACHE[key] = flops_of(sub, x)
+        _COUNT_CACHE[key] = headless_flops(_static_subnet(net, arch), image_size)
     set_arch(net, arch)
     return _COUNT_CACHE[key]
 
@@ -99,10 +96,6 @@ def probe_batch(probe_size: int, image_size: int, seed: int) -> torch.Tensor:
     return torch.randn(probe_size, 3, image_size, image_size, generator=gen)
 
 
-def _device(net: nn.Module) -> torch.device:
-    return next(net.parameters()).device
-
-
 def functional_embedding(model: nn.Module, arch: Arch, probe: torch.Tensor) -> np.ndarray:
     """Mean penultimate feature of ``arch`` over ``probe`` (eval mode, no grad), float32."""
     net = unwrap(model)
@@ -111,14 +104,10 @@ def functional_embedding(model: nn.Module, arch: Arch, probe: torch.Tensor) -> n
     net.eval()
     try:
         with torch.no_grad():
-            feats = forward_features(net, probe.to(_device(net)))
+            feats = forward_features(net, probe.to(model_device(net)))
     finally:
         net.train(was_training)
     return feats.mean(dim=0).float().cpu().numpy().astype(np.float32)
-
-
-def _bn_layers(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def recalibrate_bn(model: nn.Module, arch: Arch, batches: Iterable) -> None:
@@ -128,30 +117,11 @@ def recalibrate_bn(model: nn.Module, arch: Arch, batches: Iterable) -> None:
     and re-accumulated as an exact cumulative average (``momentum=None``), because the shared
     supernet statistics do not fit any particular subnet. Only the active channels are updated
     (OFA's dynamic BatchNorm slices the buffers); this changes the supernet's buffers.
+    (:func:`tans.zoo.model_ops.recalibrate_bn_stats` on the supernet with ``arch`` active.)
     """
     net = unwrap(model)
     set_arch(net, arch)
-    bns = _bn_layers(net)
-    momenta = [bn.momentum for bn in bns]
-    was_training = net.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    net.train()
-    device = _device(net)
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                images = batch[0] if isinstance(batch, (tuple, list)) else batch
-                forward_features(net, images.to(device))  # the head has no BatchNorm
-                seen += 1
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        net.train(was_training)
-    if seen == 0:
-        raise ValueError("recalibrate_bn needs at least one batch")
+    recalibrate_bn_stats(net, batches)
 
 
 def evaluate(model: nn.Module, arch: Arch, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -162,20 +132,7 @@ def evaluate(model: nn.Module, arch: Arch, batches: Iterable[tuple[torch.Tensor,
     """
     net = unwrap(model)
     set_arch(net, arch)
-    was_training = net.training
-    net.eval()
-    device = _device(net)
-    correct = total = 0
-    try:
-        with torch.no_grad():
-            for images, labels in batches:
-                with autocast(device, precision):
-                    logits = net(images.to(device))
-                pred = logits.float().argmax(dim=1)
-                correct += int((pred == labels.to(pred.device)).sum())
-                total += int(labels.shape[0])
-    finally:
-        net.train(was_training)
+    correct, total = top1_correct(net, batches, precision)
     if total == 0:
         raise ValueError("evaluate needs at least one test image")
     return correct / total
@@ -198,14 +155,14 @@ def measure_subnet(
     recalibration (outside autocast) and ``f_emb`` stay fp32.
     """
     net = unwrap(model)
-    saved = {id(bn): [b.clone() for b in bn.buffers()] for bn in _bn_layers(net)}
+    saved = {id(bn): [b.clone() for b in bn.buffers()] for bn in bn_layers(net)}
     try:
         recalibrate_bn(net, arch, bn_batches)  # fp32, never under autocast: the statistics stay exact
         accuracy = evaluate(net, arch, test_batches, precision)
         f_emb = functional_embedding(net, arch, probe)
     finally:
         with torch.no_grad():
-            for bn in _bn_layers(net):
+            for bn in bn_layers(net):
                 for buf, old in zip(bn.buffers(), saved[id(bn)]):
                     buf.copy_(old)
     return Measurement(

@@ -20,6 +20,7 @@ CORE_MODULES = [
     "tans.zoo.supernets",
     "tans.zoo.subnets",
     "tans.zoo.measure",
+    "tans.zoo.model_ops",
     "tans.selection.onnx_export",
     "tans.zoo.elastic",
     "tans.zoo.store",
