@@ -264,6 +264,8 @@ def steps_per_epoch(n_train: int, batch_size: int) -> tuple[int, int]:
     return used, n_train // used
 
 
+# long because its docstring is the contract (schedule, seeding, exact resume, BN, precision) that
+# search, evaluation and their resume tests rely on; the code itself is ~60 lines.
 def finetune(
     model: nn.Module,
     train: TaskTensors,
