@@ -63,14 +63,15 @@ lint: setup
 	$(BIN)/mypy
 
 # Rewrite the lock: a scratch environment from pyproject.toml's ranges (all extras) plus the
-# built-in corpus's packages, frozen. Commit the result.
+# built-in corpus's packages, frozen. Commit the result. --all keeps setuptools in it: the venv's
+# own (Python 3.11's ensurepip: 65.x) has no bdist_wheel, which the wheel test's build needs.
 LOCK_VENV := /tmp/tans-lock-venv
 lock:
-	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q --upgrade pip
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install -q --upgrade pip setuptools
 	$(LOCK_VENV)/bin/pip install -q -e ".[test,export,corpus]"
 	$(LOCK_VENV)/bin/pip install -q --no-deps $$(grep -v '^\s*#' $(PY_EXTRA) | awk 'NF{print $$1}')
 	{ echo "# pinned by \`make lock\` ($$($(LOCK_VENV)/bin/python -V), $$(uname -sm)); installed by \`make setup\`"; \
-	  $(LOCK_VENV)/bin/pip freeze --exclude-editable; } > requirements.lock
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -v '^pip=='; } > requirements.lock
 	rm -rf $(LOCK_VENV)
 
 clean:
