@@ -35,13 +35,12 @@ import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.parser import BytesParser
-from email.policy import HTTP
-from email.utils import collapse_rfc2231_value
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve.multipart import split_form_data
 
 LABEL_MAX = 2**31 - 1
 DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
@@ -131,19 +130,13 @@ def parse_json_request(body: bytes) -> RetrieveRequest:
 
 def parse_multipart_request(body: bytes, content_type: str) -> tuple[RetrieveRequest, list[bytes]]:
     """(the request's fields, the raw bytes of each image part) of a ``multipart/form-data`` body."""
-    if "boundary=" not in content_type:
-        raise ApiError(400, "multipart/form-data without a boundary")
-    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not msg.is_multipart() or msg.defects:
-        raise ApiError(400, "the multipart body is malformed")
+    try:
+        parts = split_form_data(body, content_type)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
     fields: dict[str, list[str]] = {}
     files: list[bytes] = []
-    for part in msg.iter_parts():
-        param = part.get_param("name", header="content-disposition")
-        # an RFC 2231 value (name*=utf-8''...) comes as a (charset, language, text) tuple
-        name = collapse_rfc2231_value(param) if isinstance(param, tuple) else param
-        decoded = part.get_payload(decode=True)  # bytes for a leaf part, None for a nested multipart
-        payload = decoded if isinstance(decoded, bytes) else b""
+    for name, payload in parts:
         if name in ("images", "files"):
             files.append(payload)
         elif name:

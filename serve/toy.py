@@ -41,7 +41,7 @@ def make_toy_space(root: str, run: str, seed: int = 0, n_tasks: int = 3, per_tas
                    set_latest: bool = True) -> str:
     """Write a finished random space ``<root>/spaces/<run>``; returns its URI.
 
-    Its extractor is a seeded ``ofa_mbv3_tiny`` supernet saved under ``<root>/checkpoints/``.
+    Its extractor is a seeded ``ofa_mbv3_tiny`` supernet saved in the space's folder (``toy-extractor.pt``).
     Model ids are ``<run>-t<task>-m<model>``, so answers from different spaces never collide.
     """
     from tans.space.features import ExtractorSpec
@@ -53,9 +53,10 @@ def make_toy_space(root: str, run: str, seed: int = 0, n_tasks: int = 3, per_tas
     storage = Storage(root)
     family = get_family(FAMILY)
     torch.manual_seed(seed)
-    extractor_path = storage.path(f"checkpoints/{run}-extractor.pt")
+    extractor_rel = f"{space_dir(run)}/toy-extractor.pt"
+    extractor_path = storage.path(extractor_rel)
     net = family.build(num_classes=2)
-    with storage.atomic_writer(f"checkpoints/{run}-extractor.pt") as buf:
+    with storage.atomic_writer(extractor_rel) as buf:
         torch.save(net.state_dict(), buf)
     model = SpaceModel(family, feature_dim=family.penultimate_dim, embed_dim=embed_dim, hidden=16,
                        predictor_hidden=8).eval()

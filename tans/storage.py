@@ -33,6 +33,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from tans import paths
+
 TMP_PREFIX = ".tmp-"
 DEFAULT_ROOT = "~/.cache/tans"
 
@@ -48,16 +50,17 @@ class CorruptArtifact(StorageError):
     """A file that exists but cannot be parsed (truncated, garbage): names it and how to rebuild it."""
 
 
-# First path component under the root -> the command that rebuilds what lives there.
+# First path component under the root -> the command that rebuilds what lives there (one entry
+# per top-level folder of tans.paths; a search's export lives under its search folder).
 REBUILD_COMMANDS = {
-    "tasks": "`tans data ingest SRC --force` (or `tans demo` for the built-in tasks)",
-    "supernets": "`tans build-zoo --config CFG --force`",
-    "zoo": "`tans build-zoo --config CFG` (a corrupt part is rebuilt on the next run)",
-    "queries": "`tans train-space --config CFG queries.force=true`",
-    "spaces": "`tans train-space --config CFG --force`",
-    "searches": "`tans search ... --force`",
-    "evaluations": "`tans evaluate ... --force`",
-    "exports": "`tans search ... --force` (the winner is exported again)",
+    paths.TASKS: "`tans data ingest SRC --force` (or `tans demo` for the built-in tasks)",
+    paths.SUPERNETS: "`tans build-zoo --config CFG --force`",
+    paths.ZOO: "`tans build-zoo --config CFG` (a corrupt part is rebuilt on the next run)",
+    paths.QUERIES: "`tans train-space --config CFG queries.force=true`",
+    paths.SPACES: "`tans train-space --config CFG --force`",
+    paths.SEARCHES: "`tans search ... --force` (the winner is exported again)",
+    paths.EVALUATIONS: "`tans evaluate ... --force`",
+    paths.DEMO_DIR: "`tans demo` (it rewrites its table on every run)",
 }
 
 

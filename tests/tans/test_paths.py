@@ -125,3 +125,11 @@ def test_no_module_but_tans_paths_spells_a_storage_path():
                 continue
             offenders += [f"{rel}:{line}: {text!r}" for line, text in hand_spelled_paths(path.read_text())]
     assert offenders == [], "spell these with tans.paths:\n" + "\n".join(offenders)
+
+
+def test_every_root_folder_has_a_rebuild_hint_and_no_other_does():
+    from tans.storage import REBUILD_COMMANDS, rebuild_hint
+
+    assert set(REBUILD_COMMANDS) == set(paths.ROOT_FOLDERS)
+    assert rebuild_hint(f"{paths.search_dir('r')}/model/model.pt").startswith("`tans search")
+    assert rebuild_hint("elsewhere/x.pt") == "the command that wrote it"
