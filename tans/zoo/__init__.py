@@ -7,3 +7,7 @@
 - ``measure``: a subnet's zoo row (accuracy, parameters, FLOPs, functional embedding).
 - ``store``: the model zoo on disk (Parquet parts per task, ``zoo.json``, stats).
 """
+
+from tans.zoo import ofa_loader_stub
+
+ofa_loader_stub.install()  # before any module here imports OFA: see that module

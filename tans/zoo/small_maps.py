@@ -9,11 +9,15 @@ weights get the zero gradient they would have got anyway. On CPU, PyTorch's dept
 pays for the full kernel: cropping makes a training step of the largest subnet at 48 px about a
 quarter cheaper, and an inference forward about a third, without changing what is computed.
 Storing the weights channels-last (NHWC, which oneDNN's CPU convolutions prefer) saves about as
-much again; both are measured by ``bench/zoo_build.py``.
+much again; both are measured by ``bench/zoo_build.py``. When gradients flow, depthwise layers on
+maps of at most 6x6 (strided ones included: a strided "same" convolution is the stride-1 one
+sampled every s-th pixel) run as a matmul instead (:data:`MATMUL_MAX_PIXELS`), and the
+squeeze-and-excitation blocks average their maps in one reduction instead of two.
 
 :func:`crop_depthwise_kernels` switches a model's depthwise layers, in place, to the cropping
 forward: OFA's elastic ``DynamicSeparableConv2d`` (supernets) and plain depthwise ``nn.Conv2d``
-with "same" padding (exported subnets). Parameters, buffers and state dicts are untouched.
+with "same" padding (exported subnets), and OFA's squeeze-and-excitation blocks to theirs.
+Parameters, buffers and state dicts are untouched.
 :func:`fast_layout` does that and stores the weights channels-last: every supernet
 (:meth:`tans.zoo.supernets.SupernetFamily.build`) and every extracted subnet gets it, unless
 ``TANS_FAST_LAYOUT=0`` is set (then the layers stay as OFA builds them).
@@ -27,7 +31,9 @@ from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
-from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicSeparableConv2d
+from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicSE, DynamicSeparableConv2d
+from ofa.utils import MyNetwork, make_divisible
+from ofa.utils.layers import SEModule
 from torch import nn
 
 
@@ -42,10 +48,11 @@ def _crop(weight: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, 
 
 
 # When gradients flow, maps of at most this many pixels go through depthwise_as_matmul on the
-# CPU: PyTorch's depthwise convolution backward is slow there on tiny maps, the matmul's is not
-# (a training step of sampled subnets at 48 px ~12 % cheaper; 6x6 maps measured no better than
-# 4x4). Without gradients the convolution's forward is the faster of the two and is kept.
-MATMUL_MAX_PIXELS = 16
+# CPU: PyTorch's depthwise convolution backward is slow there on small maps, the matmul's is not.
+# Forward + backward at batch 64 on one core (ms): 240 channels 6x6 k7 68 -> 23; 672 channels
+# 3x3 k7 stride 2 104 -> 23; 240 channels 6x6 k7 stride 2 49 -> 13; at 12x12 the convolution wins
+# (55 vs 96). Without gradients the convolution's forward is the faster one and is kept.
+MATMUL_MAX_PIXELS = 36
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,50 +80,99 @@ def depthwise_as_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ncp,cqp->ncq", x.reshape(n, c, h * w), matrix).reshape(n, c, h, w)
 
 
-def _depthwise_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
-    """Stride-1 "same" depthwise convolution of ``x``, by the cheapest exact route for its map."""
-    weight, padding = _crop(weight, x.shape[-2], x.shape[-1])
+def _depthwise_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
+                    stride: int = 1) -> torch.Tensor:
+    """"Same"-padded (``k // 2``) depthwise convolution of ``x``, by the cheapest exact route for its map.
+
+    With ``stride`` s, the output is the stride-1 convolution's at every s-th row and column
+    (pixel ``(i, j)`` is centred on input ``(s*i, s*j)`` either way), so on the maps the matmul
+    route takes, a strided convolution is that route and a slice.
+    """
+    height, width = x.shape[-2:]
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if needs_grad and x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= MATMUL_MAX_PIXELS:
-        y = depthwise_as_matmul(x, weight)
+    if needs_grad and x.device.type == "cpu" and height * width <= MATMUL_MAX_PIXELS:
+        y = depthwise_as_matmul(x, _crop(weight, height, width)[0])
+        if stride > 1:
+            y = y[:, :, ::stride, ::stride]
         return y if bias is None else y + bias.view(1, -1, 1, 1)
+    if stride > 1:
+        kh, kw = weight.shape[-2:]
+        return F.conv2d(x, weight, bias, stride, (kh // 2, kw // 2), 1, groups)
+    weight, padding = _crop(weight, height, width)
     return F.conv2d(x, weight, bias, 1, padding, 1, groups)
 
 
 class CroppedDepthwiseConv2d(nn.Conv2d):
-    """A depthwise, stride-1, "same"-padded ``nn.Conv2d`` whose kernel is cropped to the map."""
+    """A depthwise, "same"-padded ``nn.Conv2d`` whose kernel is cropped to the map."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _depthwise_same(x, self.weight, self.bias, self.groups)
+        return _depthwise_same(x, self.weight, self.bias, self.groups, self.stride[0])
 
 
 class CroppedSeparableConv2d(DynamicSeparableConv2d):
-    """OFA's elastic depthwise convolution, cropped to the map when its stride is 1."""
+    """OFA's elastic depthwise convolution, cropped to the map (strided or not)."""
 
     def forward(self, x: torch.Tensor, kernel_size: int | None = None) -> torch.Tensor:
-        if self.stride != 1 or self.dilation != 1:
+        if self.dilation != 1:
             return super().forward(x, kernel_size)
         kernel_size = kernel_size or self.active_kernel_size
         in_channel = x.size(1)
         filters = self.get_active_filter(in_channel, kernel_size).contiguous()
-        return _depthwise_same(x, filters, None, in_channel)
+        return _depthwise_same(x, filters, None, in_channel, self.stride)
+
+
+# OFA's squeeze-and-excitation blocks average a map with x.mean(3).mean(2): two reductions, the
+# first over the strided axis of a channels-last tensor, 10-40x slower on CPU than one
+# x.mean((2, 3)) (the same mean up to float rounding, ~1e-7). Measuring a subnet spent ~14 % of its
+# time there.
+def _squeeze(x: torch.Tensor) -> torch.Tensor:
+    return x.mean((2, 3), keepdim=True)
+
+
+class OneReductionSE(SEModule):
+    """OFA's static squeeze-and-excitation block, averaging the map in one reduction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.fc(_squeeze(x))
+
+
+class OneReductionDynamicSE(DynamicSE):
+    """OFA's elastic squeeze-and-excitation block (active channels sliced as OFA slices them),
+    averaging the map in one reduction."""
+
+    def forward(self, x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+        in_channel = x.size(1)
+        num_mid = make_divisible(in_channel // self.reduction, divisor=MyNetwork.CHANNEL_DIVISIBLE)
+        y = F.conv2d(_squeeze(x), self.get_active_reduce_weight(num_mid, in_channel, groups=groups).contiguous(),
+                     self.get_active_reduce_bias(num_mid))
+        y = F.conv2d(self.fc.relu(y), self.get_active_expand_weight(num_mid, in_channel, groups=groups).contiguous(),
+                     self.get_active_expand_bias(in_channel, groups=groups))
+        return x * self.fc.h_sigmoid(y)
+
+
+_ONE_REDUCTION: dict[type[nn.Module], type[nn.Module]] = {SEModule: OneReductionSE, DynamicSE: OneReductionDynamicSE}
 
 
 def _is_same_padded_depthwise(m: nn.Module) -> bool:
     if type(m) is not nn.Conv2d:
         return False
     kh, kw = m.kernel_size
-    return (m.groups == m.in_channels == m.out_channels and m.stride == (1, 1) and m.dilation == (1, 1)
+    return (m.groups == m.in_channels == m.out_channels and m.stride[0] == m.stride[1] and m.dilation == (1, 1)
             and m.padding == (kh // 2, kw // 2) and kh % 2 == 1 and kw % 2 == 1 and m.padding_mode == "zeros")
 
 
 def crop_depthwise_kernels(model: nn.Module) -> nn.Module:
-    """Switch ``model``'s depthwise convolutions to the cropping forward, in place; returns ``model``."""
+    """Switch ``model``'s depthwise convolutions to the cropping forward, in place; returns ``model``.
+
+    Its squeeze-and-excitation blocks switch to the one-reduction average as well.
+    """
     for m in model.modules():
         if type(m) is DynamicSeparableConv2d and type(m.conv) is nn.Conv2d:  # not weight-standardised
             m.__class__ = CroppedSeparableConv2d
         elif _is_same_padded_depthwise(m):
             m.__class__ = CroppedDepthwiseConv2d
+        elif type(m) in _ONE_REDUCTION:
+            m.__class__ = _ONE_REDUCTION[type(m)]
     return model
 
 
@@ -138,10 +194,11 @@ def plain_copy(model: nn.Module) -> nn.Module:
     FLOPs are counted on it: the zoo's convention counts every kernel weight, as the exported
     network computes it, whatever this module skips.
     """
-    if not any(isinstance(m, (CroppedDepthwiseConv2d, CroppedSeparableConv2d)) for m in model.modules()):
-        return model
     plain: dict[type[nn.Module], type[nn.Module]] = {
-        CroppedDepthwiseConv2d: nn.Conv2d, CroppedSeparableConv2d: DynamicSeparableConv2d}
+        CroppedDepthwiseConv2d: nn.Conv2d, CroppedSeparableConv2d: DynamicSeparableConv2d,
+        OneReductionSE: SEModule, OneReductionDynamicSE: DynamicSE}
+    if not any(type(m) in plain for m in model.modules()):
+        return model
     copy = deepcopy(model)
     for m in copy.modules():
         cls = plain.get(type(m))

@@ -15,6 +15,9 @@ from tans.zoo.measure import count_flops, flops_of
 from tans.zoo.small_maps import (
     CroppedDepthwiseConv2d,
     CroppedSeparableConv2d,
+    OneReductionDynamicSE,
+    OneReductionSE,
+    _depthwise_same,
     crop_depthwise_kernels,
     depthwise_as_matmul,
     plain_copy,
@@ -49,12 +52,29 @@ def test_matmul_route_is_the_convolution(h, w, k):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("h", "k", "stride"), [(3, 7, 2), (3, 5, 2), (6, 7, 2), (5, 3, 2), (6, 7, 1), (12, 7, 2)])
+def test_every_route_of_a_same_padded_depthwise_conv_is_the_convolution(h, k, stride):
+    gen = torch.Generator().manual_seed(h * 100 + k * 10 + stride)
+    x = torch.randn(4, 6, h, h, generator=gen, requires_grad=True)
+    weight = torch.randn(6, 1, k, k, generator=gen, requires_grad=True)
+    want = F.conv2d(x, weight, None, stride, k // 2, 1, 6)
+    got = _depthwise_same(x, weight, None, 6, stride)  # h <= 6: the matmul route; 12: the convolution
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    g_want = torch.autograd.grad(want.square().sum(), (x, weight))
+    g_got = torch.autograd.grad(got.square().sum(), (x, weight))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("family_name", "size"), [("ofa_mbv3_w1.0", 48), ("ofa_mbv3_tiny", 32), ("ofa_mbv3_tiny", 40)])
 def test_supernet_outputs_and_gradients_are_unchanged(family_name, size, monkeypatch):
     family, plain, fast = _plain_and_fast(family_name, monkeypatch)
     assert any(type(m) is CroppedSeparableConv2d for m in fast.modules())
     assert not any(type(m) is CroppedSeparableConv2d for m in plain.modules())
+    assert any(type(m) is OneReductionDynamicSE for m in fast.modules())
+    assert not any(type(m) is OneReductionDynamicSE for m in plain.modules())
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.ndim == 4)
     # In float64 the only difference left, summation order, is ~1e-15: any real change shows.
     plain, fast = plain.double(), fast.double()
@@ -90,6 +110,8 @@ def test_extracted_subnet_is_cropped_and_counts_like_the_zoo(tmp_path, monkeypat
     plain_sub = build_candidate("ofa_mbv3_tiny", arch, 4, str(weights), seed=0)
     assert any(type(m) is CroppedDepthwiseConv2d for m in fast_sub.modules())
     assert not any(type(m) is CroppedDepthwiseConv2d for m in plain_sub.modules())
+    assert any(type(m) is OneReductionSE for m in fast_sub.modules())
+    assert not any(type(m) is OneReductionSE for m in plain_sub.modules())
     # State dicts are interchangeable: same keys, same values.
     sd_fast, sd_plain = fast_sub.state_dict(), plain_sub.state_dict()
     assert sd_fast.keys() == sd_plain.keys()
@@ -106,7 +128,7 @@ def test_extracted_subnet_is_cropped_and_counts_like_the_zoo(tmp_path, monkeypat
 def test_only_stride_one_same_padded_depthwise_layers_switch():
     model = nn.Sequential(  # on a 3x3 input
         nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=False),  # switches (cropped to 5x5)
-        nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False),  # strided: stays (-> 2x2)
+        nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False),  # strided "same": switches (-> 2x2)
         nn.Conv2d(8, 16, 3, padding=1),  # not depthwise: stays
         nn.Conv2d(16, 16, 3, padding=2, groups=16),  # not "same": stays (-> 4x4)
         DynamicSeparableConv2d(16, [3, 5, 7], stride=1),  # switches
@@ -115,7 +137,7 @@ def test_only_stride_one_same_padded_depthwise_layers_switch():
     reference = copy.deepcopy(model)
     crop_depthwise_kernels(model)
     kinds = [type(m) for m in model]
-    assert kinds == [CroppedDepthwiseConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d, CroppedSeparableConv2d]
+    assert kinds == [CroppedDepthwiseConv2d, CroppedDepthwiseConv2d, nn.Conv2d, nn.Conv2d, CroppedSeparableConv2d]
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
