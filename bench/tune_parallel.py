@@ -1,6 +1,6 @@
 """Ray Tune's parallel fine-tuning vs the same trials one by one, and what ASHA saves.
 
-    python bench/tune_parallel.py [--quick] [--cpus 2] [--trials 4] [--epochs 8] [--train 512] [--val 128]
+    python bench/tune_parallel.py [--quick] [--cpus 2] [--trials 4] [--epochs 8] [--train 608] [--val 128]
                                   [--asha-trials 8] [--asha-epochs 4] [--seeds 5] [--ray-niceness]
 
 Part 1 (parallel efficiency). ``--trials`` equal trials (same config: fine-tune ``ofa_mbv3_tiny``'s
@@ -231,7 +231,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--trials", type=int, default=4, help="equal trials of part 1")
     parser.add_argument("--epochs", type=int, help="epochs per trial of part 1 [8; quick 4]")
-    parser.add_argument("--train", type=int, help="training images per trial [512: ~15 s trials; quick 96]")
+    parser.add_argument("--train", type=int, help="training images per trial [608: ~15 s trials here; quick 96]")
     parser.add_argument("--val", type=int, help="validation images per trial [128; quick 96]")
     parser.add_argument("--asha-trials", type=int, help="trials per seed of part 2 (learning-rate grid) [8; quick 4]")
     parser.add_argument("--asha-epochs", type=int, default=4, help="epochs per trial of part 2 (ASHA's max_t) [4]")
@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     quick = args.quick
     args.epochs = args.epochs or (4 if quick else 8)
-    args.train = args.train or (96 if quick else 512)
+    args.train = args.train or (96 if quick else 608)
     args.val = args.val or (96 if quick else 128)
     args.asha_trials = args.asha_trials or (4 if quick else 8)
     args.seeds = (2 if quick else 5) if args.seeds is None else args.seeds
