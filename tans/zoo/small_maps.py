@@ -82,7 +82,7 @@ def depthwise_as_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _depthwise_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
                     stride: int = 1) -> torch.Tensor:
-    """"Same"-padded (``k // 2``) depthwise convolution of ``x``, by the cheapest exact route for its map.
+    """A "same"-padded (``k // 2``) depthwise convolution of ``x``, by the cheapest exact route for its map.
 
     With ``stride`` s, the output is the stride-1 convolution's at every s-th row and column
     (pixel ``(i, j)`` is centred on input ``(s*i, s*j)`` either way), so on the maps the matmul

@@ -37,34 +37,36 @@ def _plain_and_fast(family_name: str, monkeypatch, num_classes: int = 5):
     return family, plain, fast
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize(("h", "w", "k"), [(3, 3, 7), (2, 2, 5), (2, 3, 7), (1, 1, 3), (4, 4, 3), (6, 5, 7)])
-def test_matmul_route_is_the_convolution(h, w, k):
-    gen = torch.Generator().manual_seed(h * 100 + w * 10 + k)
-    x = torch.randn(4, 6, h, w, generator=gen, requires_grad=True)
-    weight = torch.randn(6, 1, k, k, generator=gen, requires_grad=True)
-    want = F.conv2d(x, weight, None, 1, k // 2, 1, 6)
-    got = depthwise_as_matmul(x, weight)
+def _assert_same_outputs_and_gradients(route, x, weight, stride: int = 1):
+    """``route(x, weight)`` against PyTorch's "same"-padded depthwise convolution, forward and backward."""
+    k = weight.shape[-1]
+    want = F.conv2d(x, weight, None, stride, k // 2, 1, x.shape[1])
+    got = route(x, weight)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     g_want = torch.autograd.grad(want.square().sum(), (x, weight))
     g_got = torch.autograd.grad(got.square().sum(), (x, weight))
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _inputs(h: int, w: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(4, 6, h, w, generator=gen, requires_grad=True),
+            torch.randn(6, 1, k, k, generator=gen, requires_grad=True))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("h", "w", "k"), [(3, 3, 7), (2, 2, 5), (2, 3, 7), (1, 1, 3), (4, 4, 3), (6, 5, 7)])
+def test_matmul_route_is_the_convolution(h, w, k):
+    _assert_same_outputs_and_gradients(depthwise_as_matmul, *_inputs(h, w, k, h * 100 + w * 10 + k))
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("h", "k", "stride"), [(3, 7, 2), (3, 5, 2), (6, 7, 2), (5, 3, 2), (6, 7, 1), (12, 7, 2)])
 def test_every_route_of_a_same_padded_depthwise_conv_is_the_convolution(h, k, stride):
-    gen = torch.Generator().manual_seed(h * 100 + k * 10 + stride)
-    x = torch.randn(4, 6, h, h, generator=gen, requires_grad=True)
-    weight = torch.randn(6, 1, k, k, generator=gen, requires_grad=True)
-    want = F.conv2d(x, weight, None, stride, k // 2, 1, 6)
-    got = _depthwise_same(x, weight, None, 6, stride)  # h <= 6: the matmul route; 12: the convolution
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    g_want = torch.autograd.grad(want.square().sum(), (x, weight))
-    g_got = torch.autograd.grad(got.square().sum(), (x, weight))
-    for a, b in zip(g_got, g_want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # h <= 6: the matmul route (and a slice when strided); 12: the convolution
+    _assert_same_outputs_and_gradients(lambda x, w: _depthwise_same(x, w, None, 6, stride),
+                                       *_inputs(h, h, k, h * 100 + k * 10 + stride), stride=stride)
 
 
 @pytest.mark.timeout(120)
