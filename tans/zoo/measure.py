@@ -3,8 +3,8 @@
 Definitions (the zoo row schema, tans.zoo.store.ZOO_SCHEMA):
 
 * ``n_params`` and ``flops`` count the exported subnet (``get_active_subnet``) *without* its
-  classifier head, since heads differ with the number of classes; FLOPs come from
-  ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add: convolutions and matmuls
+  classifier head, since heads differ with the number of classes; FLOPs come from the formulas
+  of ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add: convolutions and matmuls
   only, not BatchNorm or activations) for one image at the zoo's image size, in eval mode.
 * ``f_emb`` is the mean penultimate feature (the classifier's input) over one fixed, seeded
   Gaussian probe batch, with the subnet's recalibrated BatchNorm statistics.
@@ -37,6 +37,7 @@ from tans.zoo.model_ops import (
     top1_correct,
 )
 from tans.zoo.model_ops import flops_of as flops_of  # re-exported: the zoo's FLOP convention
+from tans.zoo.small_maps import make_plain
 from tans.zoo.subnets import Arch, set_arch
 from tans.zoo.supernets import forward_features, unwrap
 
@@ -61,11 +62,28 @@ def _structure(net: nn.Module) -> tuple:
 
 
 def _static_subnet(model: nn.Module, arch: Arch) -> nn.Module:
-    """The exported static subnet of ``arch`` (with the supernet's head; the counts leave it out)."""
+    """The exported static subnet of ``arch`` with OFA's plain layers (and the supernet's head;
+    the counts leave it out)."""
     net: Any = unwrap(model)  # an OFAMobileNetV3 (untyped)
     set_arch(net, arch)
-    # preserve_weight=False: only the shapes matter for counting, so skip copying weights.
-    return net.get_active_subnet(preserve_weight=False)
+    # preserve_weight=False: only the shapes matter for counting, so skip copying weights. The
+    # subnet is thrown away after counting, so its layers are made plain in place, not copied.
+    return make_plain(net.get_active_subnet(preserve_weight=False))
+
+
+def counts(model: nn.Module, arch: Arch, image_size: int) -> tuple[int, int]:
+    """:func:`count_params` and :func:`count_flops` of ``arch`` from one static subnet (building
+    it is much of the cost of counting), both cached; sets ``arch`` active."""
+    net = unwrap(model)
+    params_key, flops_key = (_structure(net), arch, None), (_structure(net), arch, int(image_size))
+    if params_key not in _COUNT_CACHE or flops_key not in _COUNT_CACHE:
+        sub = _static_subnet(net, arch)
+        _COUNT_CACHE[params_key] = headless_params(sub)
+        # Counted on the exported static subnet: on the supernet, OFA's kernel transforms
+        # (7x7 -> 5x5 -> 3x3 matmuls on the weights) would be counted as if they were inference.
+        _COUNT_CACHE[flops_key] = headless_flops(sub, image_size)
+    set_arch(net, arch)
+    return _COUNT_CACHE[params_key], _COUNT_CACHE[flops_key]
 
 
 def count_params(model: nn.Module, arch: Arch) -> int:
@@ -80,14 +98,7 @@ def count_params(model: nn.Module, arch: Arch) -> int:
 
 def count_flops(model: nn.Module, arch: Arch, image_size: int) -> int:
     """FLOPs (2 per multiply-add) of one ``image_size`` image through ``arch`` without the head."""
-    net = unwrap(model)
-    key = (_structure(net), arch, int(image_size))
-    if key not in _COUNT_CACHE:
-        # Counted on the exported static subnet: on the supernet, OFA's kernel transforms
-        # (7x7 -> 5x5 -> 3x3 matmuls on the weights) would be counted as if they were inference.
-        _COUNT_CACHE[key] = headless_flops(_static_subnet(net, arch), image_size)
-    set_arch(net, arch)
-    return _COUNT_CACHE[key]
+    return counts(model, arch, image_size)[1]
 
 
 def probe_batch(probe_size: int, image_size: int, seed: int) -> torch.Tensor:
@@ -165,9 +176,5 @@ def measure_subnet(
             for bn in bn_layers(net):
                 for buf, old in zip(bn.buffers(), saved[id(bn)]):
                     buf.copy_(old)
-    return Measurement(
-        accuracy=accuracy,
-        n_params=count_params(net, arch),
-        flops=count_flops(net, arch, image_size),
-        f_emb=f_emb,
-    )
+    n_params, flops = counts(net, arch, image_size)
+    return Measurement(accuracy=accuracy, n_params=n_params, flops=flops, f_emb=f_emb)

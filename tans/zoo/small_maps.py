@@ -188,20 +188,26 @@ def fast_layout(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+_PLAIN: dict[type[nn.Module], type[nn.Module]] = {
+    CroppedDepthwiseConv2d: nn.Conv2d, CroppedSeparableConv2d: DynamicSeparableConv2d,
+    OneReductionSE: SEModule, OneReductionDynamicSE: DynamicSE}
+
+
+def make_plain(model: nn.Module) -> nn.Module:
+    """Swap ``model``'s layers back to OFA's plain ones, in place (values unchanged); returns it."""
+    for m in model.modules():
+        cls = _PLAIN.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
+    return model
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with OFA's plain depthwise layers (``model`` itself if it has no others).
 
     FLOPs are counted on it: the zoo's convention counts every kernel weight, as the exported
     network computes it, whatever this module skips.
     """
-    plain: dict[type[nn.Module], type[nn.Module]] = {
-        CroppedDepthwiseConv2d: nn.Conv2d, CroppedSeparableConv2d: DynamicSeparableConv2d,
-        OneReductionSE: SEModule, OneReductionDynamicSE: DynamicSE}
-    if not any(type(m) in plain for m in model.modules()):
+    if not any(type(m) in _PLAIN for m in model.modules()):
         return model
-    copy = deepcopy(model)
-    for m in copy.modules():
-        cls = plain.get(type(m))
-        if cls is not None:
-            m.__class__ = cls
-    return copy
+    return make_plain(deepcopy(model))

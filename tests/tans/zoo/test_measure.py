@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from tans.zoo.measure import (
     count_flops,
@@ -19,6 +20,7 @@ from tans.zoo.measure import (
     probe_batch,
     recalibrate_bn,
 )
+from tans.zoo.small_maps import fast_layout, plain_copy
 from tans.zoo.subnets import Arch, largest, sample_archs, set_arch, smallest
 from tans.zoo.supernets import forward_features, get_family
 
@@ -42,6 +44,35 @@ def test_flop_counter_matches_a_hand_count():
     ).eval()
     macs = 64 * 8 * 27 + 64 * 8 * 9 + 512 * 10
     assert flops_of(model, torch.zeros(1, 3, 8, 8)) == 2 * macs
+
+
+@pytest.mark.timeout(60)
+def test_flop_tally_equals_pytorchs_flop_counter_on_subnets():
+    """``flops_of`` sums FlopCounterMode's formulas without its module bookkeeping: same totals."""
+    fam = get_family("ofa_mbv3_w1.0")
+    model = fast_layout(fam.build(10))  # cropped depthwise layers and one-reduction SE included
+    for i, a in enumerate([largest(fam), smallest(fam), *sample_archs(fam, 3, seed=1)[1:]]):
+        size = (32, 48)[i % 2]
+        sub = model_sizes_subnet(model, a)
+        x = torch.zeros(1, 3, size, size)
+        with torch.no_grad(), FlopCounterMode(display=False) as reference:
+            plain_copy(sub)(x)
+        assert flops_of(sub, x) == reference.get_total_flops() > 0, a
+        assert count_flops(model, a, size) == headless_reference(sub, size), a
+
+
+def model_sizes_subnet(model: nn.Module, arch: Arch) -> nn.Module:
+    set_arch(model, arch)
+    return model.get_active_subnet(preserve_weight=False).eval()
+
+
+def headless_reference(sub: nn.Module, size: int) -> int:
+    """FlopCounterMode on the plain static subnet without its head (the zoo's definition)."""
+    plain = plain_copy(sub)
+    plain.classifier = nn.Identity()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        plain(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops()
 
 
 @pytest.mark.timeout(60)
