@@ -161,6 +161,9 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[TBXLoggerCallback()]),
         )
+    # num_to_keep=1 makes Tune snapshot the experiment state after every trial checkpoint, and
+    # warn each time two come within 5 s: one warning per epoch of every trial, on purpose here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     grid = tuner.fit()
     by_trial = {}
     for r in grid:

@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import os
 import threading
+import time
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -182,6 +183,10 @@ def serving_host() -> str | None:
     return HTTPOptions().host
 
 
+# How long the Ingress reuses the Encoder's answer to "at which image size?".
+TARGET_TTL_S = 2.0
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 0.25},
     max_ongoing_requests=128,
@@ -209,6 +214,22 @@ class Ingress:
         self.token_sha256 = token_sha256 or (hashlib.sha256(own.encode()).hexdigest() if own else None)
         self.limits = ImageLimits(args.max_image_side, args.max_image_pixels, args.max_pixels_per_request)
         self.in_flight = 0  # API requests this replica holds now (one event loop: no lock needed)
+        self._image_size: int | None = None  # the Encoder's current space's, and when it was asked
+        self._image_size_at = 0.0
+
+    async def _resize_image_size(self) -> int:
+        """The image size of the Encoder's current space, asked at most every TARGET_TTL_S.
+
+        Asking on every request was one more round trip to the Encoder per request. The request
+        is not pinned to the space that answered: it goes to the Encoder's current space, which
+        resizes again any images made for another size (``resized``), so a stale size during a
+        space switch costs a resize, never a wrong answer or a request held on the old space.
+        """
+        now = time.monotonic()
+        if self._image_size is None or now - self._image_size_at > TARGET_TTL_S:
+            self._image_size = int((await self.encoder.image_size.remote())["image_size"])
+            self._image_size_at = now
+        return self._image_size
 
     def _authorize(self, credentials: HTTPAuthorizationCredentials | None) -> None:
         if self.token_sha256 is None:
@@ -281,10 +302,10 @@ class Ingress:
         del raw, files
         req.images = None
         # 2. decode each image and resize it at once to the size of the space that will encode it
-        target = await self.encoder.image_size.remote()
-        images, resized = await asyncio.to_thread(decode_resized, datas, target["image_size"], self.limits,
+        image_size = await self._resize_image_size()
+        images, resized = await asyncio.to_thread(decode_resized, datas, image_size, self.limits,
                                                   cancelled)
-        return req, Query(images=images, labels=labels, space_uri=target["space_uri"]), resized
+        return req, Query(images=images, labels=labels), resized
 
     async def _answer(self, req: RetrieveRequest, query: Query, resized: int = 0) -> dict:
         """Encode and search with one space (serve/spaces.py:with_one_space)."""

@@ -355,11 +355,17 @@ def test_http_query_is_decoded_resized_and_sent_as_one_batch(ingress):
     assert r.json()["resized"] == 2 and r.json()["n_images"] == 6 and r.json()["n_classes"] == 3
     ((batch, labels, pin),) = encoder.encode.calls
     assert isinstance(batch, np.ndarray) and batch.shape == (6, 3, 32, 32) and batch.dtype == np.uint8
-    assert pin == SPACE and labels.tolist() == [0, 1, 0, 1, 2, 2]
+    # not pinned to the space whose size it asked: the Encoder's current one encodes it (and
+    # resizes again, should a switch have changed the size since)
+    assert pin is None and labels.tolist() == [0, 1, 0, 1, 2, 2]
     assert np.array_equal(batch[0], decode_image(images[0], 0, 1024))
     # a per-image bomb over HTTP: 413, the models never called
     r = request("POST", "/v1/retrieve", json_body([png(), png_header_only(30_000, 30_000)]))
     assert r.status == 413 and "images[1]" in r.json()["error"] and len(encoder.encode.calls) == 1
+    # the image size is asked once, not on every request (it is reused for TARGET_TTL_S)
+    for _ in range(3):
+        assert request("POST", "/v1/retrieve", json_body(images[:4], [0, 1, 0, 1])).status == 200
+    assert len(encoder.image_size.calls) == 1 and len(encoder.encode.calls) == 4
 
 
 def test_png_metadata_is_bounded_in_the_ingress(ingress, no_decoding, ledger):
