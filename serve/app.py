@@ -321,8 +321,7 @@ class Ingress:
             return res
 
         try:
-            encoded, searched = await with_one_space(encode, search, self.args.switch_timeout_s,
-                                                     pin=query.space_uri)
+            encoded, searched = await with_one_space(encode, search, self.args.switch_timeout_s)
         except SpaceSwitchTimeout:
             raise ApiError(503, "the service is switching spaces and its parts do not hold the same one yet; "
                                 "retry in a few seconds") from None

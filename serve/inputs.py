@@ -343,14 +343,10 @@ def _check_cancelled(cancelled: threading.Event | None) -> None:
 
 @dataclass
 class Query:
-    """Decoded images (a list of uint8 ``3 x H x W`` arrays, or one ``N x 3 x H x W`` array) and labels.
-
-    ``space_uri``: the space whose extractor size the images were resized to (None: not resized).
-    """
+    """Decoded images (a list of uint8 ``3 x H x W`` arrays, or one ``N x 3 x H x W`` array) and labels."""
 
     images: list[np.ndarray] | np.ndarray
     labels: np.ndarray
-    space_uri: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

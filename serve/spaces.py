@@ -50,7 +50,7 @@ class SpaceSwitchTimeout(RuntimeError):
 
 
 async def with_one_space(encode: Callable[[str | None], Awaitable[dict]], search: Callable[[dict], Awaitable[dict]],
-                         timeout_s: float, poll_s: float = 0.05, pin: str | None = None) -> tuple[dict, dict]:
+                         timeout_s: float, poll_s: float = 0.05) -> tuple[dict, dict]:
     """(encoded, searched): one query encoded and searched with the *same* space.
 
     ``encode(pin)`` answers ``{"space_uri": ..., ...}`` made with space ``pin`` (None: its current
@@ -59,10 +59,11 @@ async def with_one_space(encode: Callable[[str | None], Awaitable[dict]], search
     new space while the Index still is on the old one, or the reverse; since each keeps the
     previous space, the second try (the Encoder pinned to the Index's space) succeeds at once. A
     replica that never held the other's space (started after the switch) makes this wait
-    ``poll_s`` between tries, for at most ``timeout_s``, then :class:`SpaceSwitchTimeout`.
-    ``pin`` is the first try's space (the one the ingress resized the images for; None: any).
+    ``poll_s`` between tries, for at most ``timeout_s``, then :class:`SpaceSwitchTimeout`. The
+    first try takes the Encoder's current space.
     """
     deadline = time.monotonic() + timeout_s
+    pin: str | None = None
     while True:
         encoded = await encode(pin)
         wait = True

@@ -140,7 +140,7 @@ class S3Server:
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
-        self.port = free_port()
+        self.port = 0  # the S3 port, chosen with the others by start()
         self.proc: subprocess.Popen | None = None
 
     @property
