@@ -52,6 +52,7 @@ class IngestReport:
     skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     engine: str = "local"
+    skipped_files: list[str] = field(default_factory=list)  # the unreadable files, in listing order
 
     def summary(self) -> str:
         c = self.info.counts
@@ -244,4 +245,5 @@ def ingest_imagefolder(
         info = write_task(storage, info, images, split_labels, part_rows=part_rows, force=force)
     except TaskError as exc:
         raise IngestError(str(exc)) from None
-    return IngestReport(info, skipped, time.perf_counter() - t0, engine)
+    unreadable = [str(p) for p, good in zip(paths, ok) if not good]
+    return IngestReport(info, skipped, time.perf_counter() - t0, engine, unreadable)

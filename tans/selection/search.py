@@ -80,11 +80,19 @@ def prepare_dataset(storage: Storage, src: str, image_size: int, ingest_cfg=None
         raise SearchError(f"a task {name!r} from another source ({info.source}) is in {storage.uri}; "
                           "rename the folder or use task:<name>")
     try:
-        ingest_imagefolder(storage, src, name, image_size=image_size, seed=0,
-                           config={"source": src, "image_size": image_size})
+        report = ingest_imagefolder(storage, src, name, image_size=image_size, seed=0,
+                                    config={"source": src, "image_size": image_size})
     except IngestError as exc:
         raise SearchError(str(exc)) from None
-    return name, "ingested from an ImageFolder"
+    return name, "ingested from an ImageFolder" + _skipped_note(report.skipped_files)
+
+
+def _skipped_note(skipped_files: list[str], shown: int = 3) -> str:
+    """``, skipping N unreadable file(s): a, b, c, ...`` (empty when none): the run says what it left out."""
+    if not skipped_files:
+        return ""
+    more = f" and {len(skipped_files) - shown} more" if len(skipped_files) > shown else ""
+    return f", skipping {len(skipped_files)} unreadable file(s): {', '.join(skipped_files[:shown])}{more}"
 
 
 @dataclass

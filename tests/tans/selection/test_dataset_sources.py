@@ -47,3 +47,15 @@ def test_bad_sources_are_search_errors(tmp_path, src, needle):
     with pytest.raises(SearchError, match=needle):
         prepare_dataset(storage, src, image_size=16)
     assert not storage.exists("tasks")
+
+
+def test_unreadable_files_are_named_in_how_the_dataset_got_there(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    folder = make_imagefolder(tmp_path / "user" / "parts", {"bolt": 8, "nut": 8})
+    (folder / "nut" / "broken.png").write_bytes(b"not an image")
+    task, how = prepare_dataset(storage, str(folder), image_size=16)
+    assert task == "parts"
+    assert how.startswith("ingested from an ImageFolder, skipping 1 unreadable file(s): ")
+    assert how.endswith("nut/broken.png")
+    data = load_search_data(storage, task, image_size=16, val_fraction=0.25, seed=0)
+    assert len(data.train) + len(data.val) + len(data.test) == 16  # the 16 readable images, not 17
