@@ -14,8 +14,14 @@ accuracy in the pool minus the pick's. Variants:
 * ``predicted_top4``: the 4 the space's performance predictor ranks first;
 * ``with_nearest``: the similarity's first 3, and ``nearest_dataset``'s pick as the 4th.
 
-Printed per record and as means, with ``nearest_dataset`` and ``logme`` for reference. Use it on
-meta_val runs to choose; meta_test runs only to report.
+Printed per record and as means, with ``nearest_dataset`` and ``logme`` for reference, and per
+variant the number of tasks (mean over a task's records) where its regret is at most
+``nearest_dataset``'s. Use it on meta_val runs to choose; meta_test runs only to report.
+
+``--ensemble`` judges an ensemble of the spaces behind the RUNs instead (e.g. one run per
+``train-space`` seed, same targets and seeds): its similarity is the sum over the runs of each
+run's similarity z-scored over the pool, and it fine-tunes that sum's top 4. The records of the
+runs must match (same stems, same pools, same ground truth).
 """
 
 from __future__ import annotations
@@ -55,22 +61,70 @@ def variants(record: dict) -> dict[str, float]:
     }
 
 
+def zscores(scores: dict[str, float], pool: list[str]) -> dict[str, float]:
+    values = [scores[m] for m in pool]
+    mean, sd = statistics.mean(values), statistics.pstdev(values) or 1.0
+    return {m: (scores[m] - mean) / sd for m in pool}
+
+
+def ensemble_variants(records: list[dict]) -> dict[str, float]:
+    """One target scored by several spaces: each space's similarity top 4, and the ensemble's."""
+    first, pool = records[0], records[0]["pool"]
+    for other in records[1:]:
+        if other["pool"] != pool or other["ground_truth"] != first["ground_truth"]:
+            raise SystemExit("search_variants --ensemble: the runs' records differ in pool or ground truth "
+                             "(they must evaluate the same targets with the same seeds)")
+    sims = [r["methods"]["tans_similarity"]["scores"] for r in records]
+    z = [zscores(s, pool) for s in sims]
+    summed = {m: sum(zi[m] for zi in z) for m in pool}
+    out = {f"similarity_top4_{i}": regret(first, pick_on_validation(first, top(s, 4, pool)))
+           for i, s in enumerate(sims)}
+    out["ensemble_top4"] = regret(first, pick_on_validation(first, top(summed, 4, pool)))
+    out["nearest_dataset"] = regret(first, first["methods"]["nearest_dataset"]["pick"])
+    return out
+
+
+def records_of(root: str, run: str) -> dict[str, dict]:
+    files = sorted((Path(root) / "evaluations" / run / "targets").glob("*.json"))
+    if not files:
+        raise SystemExit(f"search_variants: no records under {Path(root) / 'evaluations' / run / 'targets'}")
+    return {f.stem: json.loads(f.read_text()) for f in files}
+
+
+def print_table(title: str, rows: dict[str, dict[str, float]], tasks: dict[str, str]) -> None:
+    """Per-record regrets, their means, and per variant the tasks at or below nearest_dataset."""
+    names = list(next(iter(rows.values())))
+    print(f"\n{title}: top-1 regret (points)")
+    print(f"{'record':22s}" + "".join(f"{n:>19s}" for n in names))
+    for stem, row in rows.items():
+        print(f"{stem:22s}" + "".join(f"{row[n]:19.1f}" for n in names))
+    print(f"{'mean':22s}" + "".join(f"{statistics.mean(r[n] for r in rows.values()):19.2f}" for n in names))
+
+    def task_mean(name: str, task: str) -> float:
+        return statistics.mean(rows[s][name] for s in rows if tasks[s] == task)
+
+    all_tasks = sorted(set(tasks.values()))
+    at_most = {n: sum(task_mean(n, t) <= task_mean("nearest_dataset", t) + 1e-9 for t in all_tasks) for n in names}
+    print(f"{'tasks <= nearest':22s}" + "".join(f"{f'{at_most[n]}/{len(all_tasks)}':>19s}" for n in names))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("root")
     ap.add_argument("runs", nargs="+")
+    ap.add_argument("--ensemble", action="store_true", help="judge the RUNs' spaces as one ensemble")
     args = ap.parse_args()
-    for run in args.runs:
-        files = sorted((Path(args.root) / "evaluations" / run / "targets").glob("*.json"))
-        if not files:
-            raise SystemExit(f"search_variants: no records under {Path(args.root) / 'evaluations' / run / 'targets'}")
-        rows = {f.stem: variants(json.loads(f.read_text())) for f in files}
-        names = list(next(iter(rows.values())))
-        print(f"\n{run}: top-1 regret (points)")
-        print(f"{'record':22s}" + "".join(f"{n:>17s}" for n in names))
-        for stem, row in rows.items():
-            print(f"{stem:22s}" + "".join(f"{row[n]:17.1f}" for n in names))
-        print(f"{'mean':22s}" + "".join(f"{statistics.mean(r[n] for r in rows.values()):17.2f}" for n in names))
+    runs = {run: records_of(args.root, run) for run in args.runs}
+    if args.ensemble:
+        stems = sorted(set.intersection(*(set(r) for r in runs.values())))
+        if not stems:
+            raise SystemExit("search_variants --ensemble: the runs share no record")
+        rows = {s: ensemble_variants([runs[run][s] for run in args.runs]) for s in stems}
+        tasks = {s: runs[args.runs[0]][s]["task"] for s in stems}
+        print_table(f"ensemble of {', '.join(args.runs)} ({len(stems)} records)", rows, tasks)
+        return
+    for run, records in runs.items():
+        print_table(run, {s: variants(r) for s, r in records.items()}, {s: r["task"] for s, r in records.items()})
 
 
 if __name__ == "__main__":

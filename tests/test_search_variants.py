@@ -26,6 +26,7 @@ def _record() -> dict:
     acc = {"a": (0.5, 0.50), "b": (0.7, 0.60), "c": (0.7, 0.65), "d": (0.4, 0.55), "e": (0.6, 0.70), "f": (0.9, 0.80)}
     pool = list(acc)
     return {
+        "task": "t",
         "pool": pool,
         "ground_truth": {m: {"val_accuracy": v, "test_accuracy": t} for m, (v, t) in acc.items()},
         "methods": {
@@ -61,3 +62,40 @@ def test_cli_prints_means_and_rejects_an_empty_run(tmp_path):
     assert [float(x) for x in mean] == [20.0, 20.0, 0.0, 20.0, 10.0, 25.0]
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "missing"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no records under" in bad.stderr
+    # the one task's regret (20) is above nearest_dataset's (10) for similarity, below for the predictor
+    tasks = [line for line in ok.stdout.splitlines() if line.startswith("tasks <= nearest")][0].split()[3:]
+    assert tasks == ["0/1", "0/1", "1/1", "0/1", "1/1", "0/1"]
+
+
+def _rescored(record: dict, order: list[str]) -> dict:
+    """``record`` with a similarity that ranks the pool in ``order``."""
+    out = json.loads(json.dumps(record))
+    out["methods"]["tans_similarity"]["scores"] = {m: float(-i) for i, m in enumerate(order)}
+    return out
+
+
+def test_ensemble_sums_z_scored_similarities_and_picks_on_validation():
+    mod = _module()
+    one, two, three = (_rescored(_record(), list(order)) for order in ("abcdef", "fedcba", "efabcd"))
+    out = mod.ensemble_variants([one, two, three])
+    assert out["similarity_top4_0"] == pytest.approx(20.0)  # a b c d: b and c tie on val, b first
+    assert out["similarity_top4_1"] == pytest.approx(0.0)  # f e d c: f
+    assert out["similarity_top4_2"] == pytest.approx(0.0)  # e f a b: f
+    # Each space's scores z-score to (2.5 - rank) / sd over the pool, sd alike for all three, so
+    # the sum ranks by 7.5 - (sum of ranks): e 0+1+4 -> 2.5, f 5+0+1 -> 1.5, a 0+5+2 -> 0.5,
+    # b 1+4+3 -> -0.5, c -1.5, d -2.5. Top 4: e f a b, and f wins on validation.
+    assert out["ensemble_top4"] == pytest.approx(0.0) and out["nearest_dataset"] == pytest.approx(10.0)
+    # with the first two spaces alone every sum is 0: the pool's order a b c d -> b, regret 20
+    assert mod.ensemble_variants([one, two])["ensemble_top4"] == pytest.approx(20.0)
+    with pytest.raises(SystemExit, match="differ in pool"):
+        mod.ensemble_variants([one, {**two, "pool": list("abcde")}])
+
+
+def test_cli_ensemble_needs_shared_records(tmp_path):
+    for run, order in (("r0", "abcdef"), ("r1", "fedcba")):
+        targets = tmp_path / "evaluations" / run / "targets"
+        targets.mkdir(parents=True)
+        (targets / f"{run}-only-s0.json").write_text(json.dumps(_rescored(_record(), list(order))))
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "r0", "r1", "--ensemble"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "share no record" in out.stderr
