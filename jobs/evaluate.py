@@ -398,6 +398,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
         task, how = prepare_dataset(storage, src, image_size)
         if task not in seen:  # the same target named twice is evaluated once
             seen.add(task)
+            print(f"[evaluate] target {task}: {how}", flush=True)
             targets.append((src, task, how))
     for _, task, _ in targets:
         allowed_rows(cfg, storage, zoo, zoo_sources, task)

@@ -131,6 +131,7 @@ def test_metrics_recompute_from_the_raw_numbers(resumed, tmp_path):
 def test_imagefolder_and_zoo_task_targets(tiny_space, tmp_path):
     root, _ = tiny_space
     folder = make_imagefolder(tmp_path / "shapes", {"red": 30, "green": 30, "blue": 30}, size=24)
+    (folder / "red" / "broken.png").write_bytes(b"not an image")  # skipped, and named
     proc = _evaluate(root, "--name", "other", "--dataset", str(folder), "--dataset", "mnist_5_10", "seeds=[3]",
                      "references=[scratch]", f"methods=[tans_similarity,tans_search,{FEATURE_METHODS[0]},size]")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,6 +139,8 @@ def test_imagefolder_and_zoo_task_targets(tiny_space, tmp_path):
     by_task = {t["task"]: t for t in ev["targets"]}
     assert set(by_task) == {"shapes", "mnist_5_10"} and all(t["seed"] == 3 for t in ev["targets"])
     assert by_task["shapes"]["excluded_zoo_tasks"] == []
+    assert by_task["shapes"]["how"].startswith("ingested from an ImageFolder, skipping 1 unreadable file(s)")
+    assert "red/broken.png" in by_task["shapes"]["how"] and "red/broken.png" in proc.stdout
     # a zoo task as the target: its source's rows (mnist_0_5 and itself) leave the pool
     zoo_target = by_task["mnist_5_10"]
     assert zoo_target["excluded_zoo_tasks"] == ["mnist_0_5", "mnist_5_10"]
