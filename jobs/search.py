@@ -349,6 +349,10 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     print(f"[search] {task} ({how}): {len(data.classes)} classes, train {len(data.train)} / val {len(data.val)} / "
           f"test {len(data.test)}; top {len(result.candidates)} of {len(retriever)} models in {tans_seconds:.2f}s; "
           f"fine-tuning {len(fine)} x {len(cfg.lrs)} lr x {len(seeds)} seed(s) for {cfg.epochs} epoch(s)", flush=True)
+    missing = data.classes_missing()
+    for split, classes in missing.items():  # too few images in a class: say so, the search still runs
+        print(f"[search] warning: no {split} image of class(es) {', '.join(classes[:5])}"
+              f"{' ...' if len(classes) > 5 else ''}: too few images in them", file=sys.stderr, flush=True)
     from tans import runtime
 
     lease = hold.enter_context(Lease(storage, run_dir, what="tans search"))  # one writer per run
@@ -379,7 +383,8 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     _list_unfinetuned(candidates, result.candidates)
     report = {
         "dataset": {"src": cfg.dataset, "task": task, "how": how, "classes": len(data.classes),
-                    "train": len(data.train), "val": len(data.val), "test": len(data.test)},
+                    "train": len(data.train), "val": len(data.val), "test": len(data.test),
+                    "classes_missing": missing},
         "constraints": dict(constraints),
         "space": {"run": info["run"], "zoo": info["zoo"], "uri": info["uri"]},
         "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "epochs": cfg.epochs, "seeds": cfg.seeds,

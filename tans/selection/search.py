@@ -106,6 +106,16 @@ class SearchData:
     test: object
     channels: int
 
+    def classes_missing(self) -> dict[str, list[str]]:
+        """Split -> the classes with no image in it (a class of 1-2 images cannot be in all three)."""
+        out = {}
+        for split in ("train", "val", "test"):
+            present = set(getattr(self, split).labels.tolist())
+            missing = [c for i, c in enumerate(self.classes) if i not in present]
+            if missing:
+                out[split] = missing
+        return out
+
 
 def _subset(data, idx):
     from tans.selection.finetune import subset

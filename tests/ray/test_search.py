@@ -44,6 +44,9 @@ def test_report_schema_winner_and_constraints(searched):
         assert key in report, key
     assert report["constraints"]["max_params"] == limit
     assert report["dataset"]["task"] == TASK and report["dataset"]["val"] > 0
+    classes = set(json.loads((root / "tasks" / TASK / "task.json").read_text())["classes"])
+    missing = report["dataset"]["classes_missing"]  # split -> classes with no image there
+    assert set(missing) <= {"train", "val", "test"} and all(set(c) <= classes for c in missing.values())
     assert set(report["selection_seconds"]) == {"tans", "logme"} and report["selection_seconds"]["logme"] > 0
     for cand in report["candidates"]:
         for key in ("model_id", "task", "n_params", "flops", "similarity", "predicted_accuracy", "val_accuracy",

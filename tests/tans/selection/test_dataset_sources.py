@@ -59,3 +59,17 @@ def test_unreadable_files_are_named_in_how_the_dataset_got_there(tmp_path):
     assert how.endswith("nut/broken.png")
     data = load_search_data(storage, task, image_size=16, val_fraction=0.25, seed=0)
     assert len(data.train) + len(data.val) + len(data.test) == 16  # the 16 readable images, not 17
+
+
+def test_a_class_too_small_for_every_split_is_reported_missing_from_the_others(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    folder = make_imagefolder(tmp_path / "user" / "lopsided", {"many": 40, "one": 1})
+    task, _ = prepare_dataset(storage, str(folder), image_size=16)
+    data = load_search_data(storage, task, image_size=16, val_fraction=0.2, seed=0)
+    missing = data.classes_missing()
+    # its single image is in exactly one of train / val / test
+    assert sum("one" in missing.get(split, []) for split in ("train", "val", "test")) == 2
+    assert all("many" not in classes for classes in missing.values())
+    balanced = load_search_data(storage, prepare_dataset(storage, str(make_imagefolder(
+        tmp_path / "user" / "even", {"x": 12, "y": 12})), image_size=16)[0], image_size=16, val_fraction=0.25, seed=0)
+    assert balanced.classes_missing() == {}
