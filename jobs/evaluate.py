@@ -52,7 +52,7 @@ from tans.selection.evaluation import (
     size_scores,
     tans_search_pick,
 )
-from tans.selection.search import SearchError, TrialSpec, load_search_data, prepare_dataset
+from tans.selection.search import SearchError, TrialSpec, finetune_list, load_search_data, prepare_dataset
 from tans.storage import Storage
 
 # the recipe's settings that the cache key of the ground truth includes: every one that changes a
@@ -283,14 +283,18 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     retrieved = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=recipe.top_k, rows=pool,
                                    rerank=recipe.rerank)
     t_tans = time.perf_counter() - t0
-    finetuned = [c.model_id for c in retrieved.candidates[: recipe.finetune]]
     scores["tans_similarity"] = {"scores": dict(zip(ids, sims.tolist())), "seconds": t_tans}
     scores["tans_predicted"] = {"scores": dict(zip(ids, pred.tolist())), "seconds": t_tans}
 
     t1 = time.perf_counter()
     near = nearest_dataset_scores(qx.mean(axis=0), {t: m for t, m in task_means.items() if t not in excluded}, ids,
                                   [str(zoo.tasks[r]) for r in pool], [zoo.cols["accuracy"][r] for r in pool])
-    scores["nearest_dataset"] = {"scores": near, "seconds": t_query + time.perf_counter() - t1}
+    t_near = time.perf_counter() - t1
+    scores["nearest_dataset"] = {"scores": near, "seconds": t_query + t_near}
+    # what `tans search` fine-tunes: the retrieval's first `finetune`, the last slot given to the
+    # nearest dataset's model when the recipe says so (tans.selection.search.finetune_list)
+    near_pick = ranked_ids(near)[0] if recipe.nearest_candidate else None
+    finetuned = finetune_list([c.model_id for c in retrieved.candidates], near_pick, recipe.finetune)
     scores["size"] = {"scores": size_scores(ids, [int(retriever.n_params[r]) for r in pool]), "seconds": 0.0}
     scores["random"] = {"scores": random_scores(ids, seed), "seconds": 0.0}
     wanted_features = [m for m in FEATURE_METHODS if m in methods]
@@ -301,7 +305,7 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
 
     # tans_search: what `tans search` returns, from the trials it would itself have run
     pick = tans_search_pick(finetuned, {m: (truth.get(m) or {}).get("val_accuracy") for m in finetuned})
-    search_seconds = t_tans + sum(truth[m]["seconds"] for m in finetuned if m in truth)
+    search_seconds = t_tans + (t_near if near_pick else 0.0) + sum(truth[m]["seconds"] for m in finetuned if m in truth)
     scores["tans_search"] = {"scores": None, "pick": pick, "finetuned": finetuned, "seconds": search_seconds}
     out_methods = {}
     for m in methods:

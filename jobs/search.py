@@ -43,6 +43,7 @@ from tans.selection.search import (
     TrialSpec,
     baseline_entry,
     choose_winner,
+    finetune_list,
     load_search_data,
     logme_sample,
     pick_nearest_dataset,
@@ -342,10 +343,13 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                             cfg.max_test_images)
     constraints = {"max_params": cfg.max_params or None, "max_flops": cfg.max_flops or None,
                    "family": cfg.family or None}
-    qx, result, tans_seconds = _retrieve(cfg, retriever, data, constraints)
+    qx, qy, result, tans_seconds = _retrieve(cfg, retriever, data, constraints)
     index = _Index(retriever)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    fine = result.candidates[: cfg.finetune]
+    nearest = _nearest_pick(index, qx, constraints) if cfg.nearest_candidate or "nearest_dataset" in cfg.baselines \
+        else None
+    fine = _finetuned_candidates(cfg, retriever, index, result, nearest, qx, qy)
+    added = next((c.model_id for c in fine if c.model_id not in {r.model_id for r in result.candidates}), None)
     print(f"[search] {task} ({how}): {len(data.classes)} classes, train {len(data.train)} / val {len(data.val)} / "
           f"test {len(data.test)}; top {len(result.candidates)} of {len(retriever)} models in {tans_seconds:.2f}s; "
           f"fine-tuning {len(fine)} x {len(cfg.lrs)} lr x {len(seeds)} seed(s) for {cfg.epochs} epoch(s)", flush=True)
@@ -368,7 +372,8 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     winner = choose_winner(candidates)
     print(f"[search] winner {winner['model_id']} (val {winner['val_accuracy']:.3f}, lr {winner['lr']:g})", flush=True)
 
-    base_specs, extra, logme_seconds = _baseline_specs(cfg, index, winner, qx, data, constraints, result, seeds)
+    base_specs, extra, logme_seconds = _baseline_specs(cfg, index, winner, data, constraints, result, seeds,
+                                                       nearest)
     baselines, base_results = _run_baselines(storage, run_dir, cfg, data, base_specs, extra, cand_results,
                                              candidates, len(seeds))
 
@@ -387,7 +392,8 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                     "classes_missing": missing},
         "constraints": dict(constraints),
         "space": {"run": info["run"], "zoo": info["zoo"], "uri": info["uri"]},
-        "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "epochs": cfg.epochs, "seeds": cfg.seeds,
+        "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "nearest_candidate": cfg.nearest_candidate,
+                     "nearest_candidate_added": added, "epochs": cfg.epochs, "seeds": cfg.seeds,
                      "lrs": list(cfg.lrs), "batch_size": cfg.batch_size, "asha": cfg.asha, "seed": cfg.seed},
         "search_seconds": round(time.perf_counter() - t_start, 1),
         "selection_seconds": {"tans": round(tans_seconds, 3),
@@ -424,17 +430,59 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
     seconds = time.perf_counter() - t_sel
     if result.note:
         print(f"[search] note: {result.note}")
-    return qx, result, seconds
+    return qx, qy, result, seconds
 
 
-def _baseline_specs(cfg: SearchConfig, index: _Index, winner: dict, qx, data, constraints: dict, result,
-                    seeds: list[int]) -> tuple[dict[str, list[TrialSpec]], dict[str, dict], float | None]:
-    """The baselines' (and the oracle's) trials: same data, seeds, epochs and lr as the winner.
-    Returns (trials by baseline, extra report fields by baseline, LogME's seconds or None)."""
+def _nearest_pick(index: _Index, qx, constraints: dict) -> tuple[int, str, float] | None:
+    """(row, zoo task, feature cosine) of the nearest zoo task's best model that meets the
+    constraints; None when no zoo task has a stored query with such a model."""
     from tans.space.features import read_query
     from tans.space.retrieval import constraint_mask
 
     retriever, cols, info = index.retriever, index.cols, index.retriever.info
+    pool = np.flatnonzero(constraint_mask(retriever.n_params, retriever.flops, retriever.families, **constraints))
+    space_root = _space_root(retriever)
+    means = {}
+    for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
+        try:
+            means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
+        except Exception:  # a task without a stored query is simply not a neighbour
+            continue
+    try:
+        return pick_nearest_dataset(qx.mean(axis=0), means, pool, np.asarray(cols["task"], dtype=object),
+                                    np.asarray(cols["accuracy"]))
+    except SearchError:
+        return None
+
+
+def _finetuned_candidates(cfg: SearchConfig, retriever, index: _Index, result, nearest, qx, qy) -> list:
+    """The candidates to fine-tune (:func:`tans.selection.search.finetune_list`): the first
+    ``finetune`` retrieved, the last slot given to the nearest dataset's model when configured."""
+    import torch
+
+    from tans.space.retrieval import Candidate
+
+    by_id = {c.model_id: c for c in result.candidates}
+    near_id = str(retriever.model_ids[nearest[0]]) if cfg.nearest_candidate and nearest is not None else None
+    chosen = finetune_list([c.model_id for c in result.candidates], near_id, cfg.finetune)
+    if near_id in chosen and near_id not in by_id:  # not retrieved: score it as the retrieval would have
+        row = nearest[0]
+        sims, pred = retriever.score_rows(torch.from_numpy(qx), torch.from_numpy(qy), [row])
+        by_id[near_id] = Candidate(model_id=near_id, task=str(retriever.tasks[row]), similarity=float(sims[0]),
+                                   predicted_accuracy=float(pred[0]), n_params=int(retriever.n_params[row]),
+                                   flops=int(retriever.flops[row]))
+    return [by_id[m] for m in chosen]
+
+
+def _baseline_specs(cfg: SearchConfig, index: _Index, winner: dict, data, constraints: dict, result,
+                    seeds: list[int], nearest: tuple[int, str, float] | None
+                    ) -> tuple[dict[str, list[TrialSpec]], dict[str, dict], float | None]:
+    """The baselines' (and the oracle's) trials: same data, seeds, epochs and lr as the winner.
+    ``nearest``: :func:`_nearest_pick`'s answer. Returns (trials by baseline, extra report fields
+    by baseline, LogME's seconds or None)."""
+    from tans.space.retrieval import constraint_mask
+
+    retriever, info = index.retriever, index.retriever.info
     w_row, w_lr = index.rows[winner["model_id"]], winner["lr"]
     pool = np.flatnonzero(constraint_mask(retriever.n_params, retriever.flops, retriever.families, **constraints))
     space_root = _space_root(retriever)
@@ -459,14 +507,9 @@ def _baseline_specs(cfg: SearchConfig, index: _Index, winner: dict, qx, data, co
         picks = pick_random(pool, cfg.random_models, cfg.seed)
         specs["random"] = [s for j, r in enumerate(picks) for s in same_as_winner("random", r, f"random{j}")]
     if "nearest_dataset" in cfg.baselines:
-        means = {}
-        for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
-            try:
-                means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
-            except Exception:  # a task without a stored query is simply not a neighbour
-                continue
-        row, near_task, sim = pick_nearest_dataset(qx.mean(axis=0), means, pool, np.asarray(cols["task"], dtype=object),
-                                                   np.asarray(cols["accuracy"]))
+        if nearest is None:
+            raise SearchError("no zoo task with a query has a model that meets the constraints")
+        row, near_task, sim = nearest
         specs["nearest_dataset"] = same_as_winner("nearest_dataset", row, "nearest")
         extra["nearest_dataset"] = {"zoo_task": near_task, "feature_cosine": sim}
     logme_seconds = None

@@ -267,6 +267,9 @@ class SearchConfig:
     top_k: int = 10  # retrieved candidates
     finetune: int = 3  # the first of them (after the optional re-ranking) that are fine-tuned
     rerank: bool = True  # re-rank the top-k by the performance predictor before choosing which to fine-tune
+    # The last fine-tune slot goes to the nearest dataset's best model (when finetune >= 2 and it is
+    # not already among them): chosen on meta_val plus 6 meta_train tasks of held-out sources (README).
+    nearest_candidate: bool = True
     epochs: int = 3
     seeds: int = 1  # every fine-tune repeats with seeds seed..seed+seeds-1 (mean ± std)
     lrs: list[float] = field(default_factory=lambda: [0.02])  # grid: model and lr chosen together

@@ -73,3 +73,16 @@ def test_a_class_too_small_for_every_split_is_reported_missing_from_the_others(t
     balanced = load_search_data(storage, prepare_dataset(storage, str(make_imagefolder(
         tmp_path / "user" / "even", {"x": 12, "y": 12})), image_size=16)[0], image_size=16, val_fraction=0.25, seed=0)
     assert balanced.classes_missing() == {}
+
+
+def test_finetune_list_gives_the_last_slot_to_the_nearest_datasets_model():
+    from tans.selection.search import finetune_list
+
+    retrieved = ["a", "b", "c", "d", "e"]
+    assert finetune_list(retrieved, "x", 4) == ["a", "b", "c", "x"]  # not retrieved: takes the last slot
+    assert finetune_list(retrieved, "d", 4) == ["a", "b", "c", "d"]  # the 4th already: nothing changes
+    assert finetune_list(retrieved, "b", 4) == ["a", "b", "c", "d"]  # among the first 3: the 4th stays
+    assert finetune_list(retrieved, "e", 4) == ["a", "b", "c", "e"]  # retrieved, but 5th: takes the slot
+    assert finetune_list(retrieved, None, 4) == ["a", "b", "c", "d"]  # switched off
+    assert finetune_list(retrieved, "x", 1) == ["a"]  # one slot stays the retrieval's
+    assert finetune_list(["a", "b"], "x", 4) == ["a", "b", "x"]  # fewer retrieved than slots: a free one
