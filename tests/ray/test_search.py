@@ -55,6 +55,11 @@ def test_report_schema_winner_and_constraints(searched):
         assert cand["n_params"] <= limit
     tuned = [c for c in report["candidates"] if c["status"] == "finished" and c["trials"][0].startswith("cand")]
     assert len(tuned) == 2 and all(len(c["epoch_accuracy"]) == 2 for c in tuned)
+    # the nearest dataset's best model always has a fine-tune slot (retrieved, or given the last one)
+    near = report["baselines"]["nearest_dataset"]["models"]
+    assert len(near) == 1 and near[0] in [c["model_id"] for c in tuned]
+    assert report["settings"]["nearest_candidate"] is True
+    assert report["settings"]["nearest_candidate_added"] in (None, near[0])
     winner = report["winner"]
     assert winner["val_accuracy"] == max(c["val_accuracy"] for c in tuned)  # chosen on validation
     assert winner["measured"]["n_params"] <= limit and winner["measured"]["n_params"] == winner["n_params"]
