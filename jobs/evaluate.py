@@ -57,11 +57,11 @@ from tans.storage import Storage
 
 # the recipe's settings that the cache key of the ground truth includes: every one that changes a
 # cached number (the pool's fine-tunes, the references, the frozen-feature scores). top_k,
-# finetune and rerank only change which of those numbers the TANS picks read, so evaluations
-# that differ in them alone share one ground truth.
+# finetune, rerank and nearest_candidate only change which of those numbers the TANS picks read, so
+# evaluations that differ in them alone share one ground truth (but not a run: RECIPE_KEYS).
 CACHE_KEYS = ("epochs", "lrs", "batch_size", "weight_decay", "val_fraction", "max_train_images", "max_test_images",
               "query_per_class", "logme_images")
-RECIPE_KEYS = CACHE_KEYS + ("top_k", "finetune", "rerank")  # recorded in evaluation.json
+RECIPE_KEYS = CACHE_KEYS + ("top_k", "finetune", "rerank", "nearest_candidate")  # in evaluation.json and run.json
 
 
 # -- frozen-feature scores of the pool (Ray tasks) -------------------------------------------------
