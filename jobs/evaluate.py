@@ -52,7 +52,14 @@ from tans.selection.evaluation import (
     size_scores,
     tans_search_pick,
 )
-from tans.selection.search import SearchError, TrialSpec, finetune_list, load_search_data, prepare_dataset
+from tans.selection.search import (
+    SearchError,
+    TrialSpec,
+    finetune_list,
+    load_search_data,
+    prepare_dataset,
+    zoo_task_means,
+)
 from tans.storage import Storage
 
 # the recipe's settings that the cache key of the ground truth includes: every one that changes a
@@ -335,18 +342,6 @@ def load_recipe(cfg: EvaluateConfig) -> SearchConfig:
     return load_job_config("search", cfg.search, overrides)
 
 
-def _task_means(space_root: Storage, info: dict) -> dict:
-    from tans.space.features import read_query
-
-    means = {}
-    for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
-        try:
-            means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
-        except Exception:  # a task without a stored query is simply not a neighbour
-            continue
-    return means
-
-
 def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
     """Run (or resume) one evaluation; returns evaluation.json's content."""
     import contextlib
@@ -415,7 +410,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
 
     runtime.init_ray()
     extractor = build_extractor(retriever.extractor_spec)
-    task_means = _task_means(space_root, info)
+    task_means = zoo_task_means(space_root, info)
     from tans.zoo.store import base_model_rel
 
     base_uri = space_root.uri_of(base_model_rel(space_root, info["zoo"]))

@@ -52,6 +52,7 @@ from tans.selection.search import (
     prepare_dataset,
     report_markdown,
     summarise_candidates,
+    zoo_task_means,
 )
 from tans.storage import Storage
 
@@ -436,18 +437,11 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
 def _nearest_pick(index: _Index, qx, constraints: dict) -> tuple[int, str, float] | None:
     """(row, zoo task, feature cosine) of the nearest zoo task's best model that meets the
     constraints; None when no zoo task has a stored query with such a model."""
-    from tans.space.features import read_query
     from tans.space.retrieval import constraint_mask
 
-    retriever, cols, info = index.retriever, index.cols, index.retriever.info
+    retriever, cols = index.retriever, index.cols
     pool = np.flatnonzero(constraint_mask(retriever.n_params, retriever.flops, retriever.families, **constraints))
-    space_root = _space_root(retriever)
-    means = {}
-    for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
-        try:
-            means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
-        except Exception:  # a task without a stored query is simply not a neighbour
-            continue
+    means = zoo_task_means(_space_root(retriever), retriever.info)
     try:
         return pick_nearest_dataset(qx.mean(axis=0), means, pool, np.asarray(cols["task"], dtype=object),
                                     np.asarray(cols["accuracy"]))

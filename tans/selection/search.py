@@ -213,6 +213,20 @@ def pick_random(pool: np.ndarray, n: int, seed: int) -> list[int]:
     return [int(i) for i in rng.choice(pool, size=min(n, len(pool)), replace=False)]
 
 
+def zoo_task_means(space_root: Storage, info: dict) -> dict[str, np.ndarray]:
+    """Mean query feature of every zoo task of the space (``info``: its space.json) that has a
+    stored query: what :func:`pick_nearest_dataset` compares a target with."""
+    from tans.space.features import read_query
+
+    means = {}
+    for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
+        try:
+            means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
+        except Exception:  # a task without a stored query is simply not a neighbour
+            continue
+    return means
+
+
 def pick_nearest_dataset(target_mean: np.ndarray, task_means: dict[str, np.ndarray], pool: np.ndarray,
                          tasks: np.ndarray, accuracy: np.ndarray) -> tuple[int, str, float]:
     """(row, zoo task, cosine) of the best pool model of the zoo task nearest to the target.
