@@ -212,6 +212,7 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
         print(f"[evaluate] {task} seed {seed}: {len(cached['failed'])} fine-tune(s) failed last time; measuring again",
               flush=True)
         storage.delete(tune_rel)
+        storage.delete(f"{tune_rel}-rerun")  # where run_trials re-ran trials Tune resumed without their config
         cached = None
     if cached is not None and all(m in cached["features"] for m in wanted_features):
         print(f"[evaluate] {task} seed {seed}: ground truth and feature scores of this pool measured earlier "

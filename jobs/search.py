@@ -61,6 +61,9 @@ FAIL_MODEL_ENV = "TANS_SEARCH_FAIL_MODEL"
 # Test hook: "<trial>:<dir>" - that trial's process dies (os._exit, as when its node is lost) once,
 # right after its first epoch's checkpoint; <dir>/epochs.txt records every epoch it started.
 DIE_ONCE_ENV = "TANS_SEARCH_DIE_ONCE"
+# What a trial raises when Tune restored it without its config (seen once in CI, Ray 2.60, after an
+# abrupt kill): run_trials runs such trials again in a Tune run of their own.
+CONFIG_LOST = "Tune restored this trial without its config"
 
 
 # -- the Tune trainable ---------------------------------------------------------------------------
@@ -74,6 +77,8 @@ def finetune_trial(config: dict, data=None) -> None:
     from tans.selection.finetune import build_candidate, finetune
     from tans.zoo.subnets import Arch
 
+    if "spec" not in config:
+        raise RuntimeError(CONFIG_LOST)
     spec = TrialSpec(**config["spec"])
     torch.set_num_threads(max(1, int(config["threads"])))
     if os.environ.get(FAIL_MODEL_ENV) and os.environ[FAIL_MODEL_ENV] == spec.model_id:
@@ -121,54 +126,95 @@ def finetune_trial(config: dict, data=None) -> None:
              precision=config.get("precision", "fp32"))
 
 
+def _param_space(specs: list[TrialSpec], cfg: SearchConfig) -> dict:
+    from ray import tune
+
+    return {"spec": tune.grid_search([s.to_dict() for s in specs]), "batch_size": cfg.batch_size,
+            "weight_decay": cfg.weight_decay, "threads": cfg.cpus_per_trial, "gpus": cfg.gpus_per_trial,
+            "precision": cfg.precision}
+
+
 def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec], data, cfg: SearchConfig,
                asha: bool) -> list[TrialResult]:
     """One Tune run over ``specs`` (resumed if it was interrupted); one result per spec."""
     from ray import tune
-    from ray.tune.logger import TBXLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
 
     if not specs:
         return []
-    trainable = tune.with_resources(tune.with_parameters(finetune_trial, data=data),
-                                    {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     path = storage.path(f"{run_dir}/tune")
     fs = None if storage.is_local else storage.fs
     exp = f"{path}/{phase}"
-    if tune.Tuner.can_restore(exp, storage_filesystem=fs):
-        print(f"[search] resuming the interrupted {phase} run ({exp})", flush=True)
-        tuner = tune.Tuner.restore(exp, trainable, resume_errored=False, restart_errored=False,
-                                   storage_filesystem=fs)
-    else:
-        scheduler = None
-        if asha:
-            # Under a cosine schedule a high learning rate starts slowly; judging after one epoch
-            # cut the eventual winner in 3 of 5 bench seeds, hence half the epochs by default.
-            max_t = max(s.epochs for s in specs)
-            grace = cfg.asha_grace_epochs or max(1, max_t // 2)
-            scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_t, grace_period=min(grace, max_t),
-                                      reduction_factor=2)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"spec": tune.grid_search([s.to_dict() for s in specs]), "batch_size": cfg.batch_size,
-                         "weight_decay": cfg.weight_decay, "threads": cfg.cpus_per_trial, "gpus": cfg.gpus_per_trial,
-                         "precision": cfg.precision},
-            # reuse_actors: a trial actor imports torch and the zoo's code once (~7 s on 2 cores)
-            # and then runs trial after trial; every trial sets its own threads, seed and model.
-            tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler, reuse_actors=True),
-            run_config=tune.RunConfig(name=phase, storage_path=path, storage_filesystem=fs, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      # resuming and the export read only a trial's latest checkpoint;
-                                      # every epoch's (model + optimizer) would grow a run by GBs
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                      callbacks=[TBXLoggerCallback()]),
-        )
+    if not tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        fresh = {t.spec.trial: t for t in _trial_results(_fit(_new_tuner(path, phase, specs, data, cfg, fs, asha)))}
+        return [fresh[s.trial] for s in specs]
+    print(f"[search] resuming the interrupted {phase} run ({exp})", flush=True)
+    restored = [r for r in _fit(_restored_tuner(exp, specs, data, cfg, fs))
+                if "spec" in (r.config or {}) and CONFIG_LOST not in str(r.error or "")]
+    kept = {t.spec.trial: t for t in _trial_results(restored)}
+    lost = [s for s in specs if s.trial not in kept]
+    if lost:
+        print(f"[search] Tune resumed {len(lost)} trial(s) of the {phase} run without their config; "
+              f"running them again: {', '.join(s.trial for s in lost)}", flush=True)
+        for t in run_trials(storage, run_dir, f"{phase}-rerun", lost, data, cfg, asha):
+            kept[t.spec.trial] = t
+    return [kept[s.trial] for s in specs]
+
+
+def _trainable(data, cfg: SearchConfig):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(finetune_trial, data=data),
+                               {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+
+
+def _restored_tuner(exp: str, specs: list[TrialSpec], data, cfg: SearchConfig, fs):
+    from ray import tune
+
+    # The same param_space again: Tune does not store it, and re-stating it is what its restore
+    # documentation asks for whenever the space holds anything it must resolve again.
+    return tune.Tuner.restore(exp, _trainable(data, cfg), param_space=_param_space(specs, cfg),
+                              resume_errored=False, restart_errored=False, storage_filesystem=fs)
+
+
+def _new_tuner(path: str, phase: str, specs: list[TrialSpec], data, cfg: SearchConfig, fs, asha: bool):
+    from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if asha:
+        # Under a cosine schedule a high learning rate starts slowly; judging after one epoch
+        # cut the eventual winner in 3 of 5 bench seeds, hence half the epochs by default.
+        max_t = max(s.epochs for s in specs)
+        grace = cfg.asha_grace_epochs or max(1, max_t // 2)
+        scheduler = ASHAScheduler(time_attr="epochs_done", max_t=max_t, grace_period=min(grace, max_t),
+                                  reduction_factor=2)
+    return tune.Tuner(
+        _trainable(data, cfg),
+        param_space=_param_space(specs, cfg),
+        # reuse_actors: a trial actor imports torch and the zoo's code once (~7 s on 2 cores)
+        # and then runs trial after trial; every trial sets its own threads, seed and model.
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler, reuse_actors=True),
+        run_config=tune.RunConfig(name=phase, storage_path=path, storage_filesystem=fs, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  # resuming and the export read only a trial's latest checkpoint;
+                                  # every epoch's (model + optimizer) would grow a run by GBs
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  callbacks=[TBXLoggerCallback()]),
+    )
+
+
+def _fit(tuner) -> list:
     # num_to_keep=1 makes Tune snapshot the experiment state after every trial checkpoint, and
     # warn each time two come within 5 s: one warning per epoch of every trial, on purpose here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    grid = tuner.fit()
-    by_trial = {}
-    for r in grid:
+    return list(tuner.fit())
+
+
+def _trial_results(results: list) -> list[TrialResult]:
+    """One TrialResult per Tune result."""
+    out = []
+    for r in results:
         spec = TrialSpec(**r.config["spec"])
         m = r.metrics or {}
         val, test = list(m.get("val_history") or []), list(m.get("test_history") or [])
@@ -180,8 +226,8 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
             status = "finished"
         error = "" if r.error is None else " ".join(str(r.error).split())[-300:]
         ckpt = r.checkpoint.path if r.checkpoint is not None else ""
-        by_trial[spec.trial] = TrialResult(spec, status, val, test, error, float(m.get("time_total_s") or 0.0), ckpt)
-    return [by_trial[s.trial] for s in specs]
+        out.append(TrialResult(spec, status, val, test, error, float(m.get("time_total_s") or 0.0), ckpt))
+    return out
 
 
 # -- LogME over the pool (Ray tasks) ------------------------------------------------------------
