@@ -15,9 +15,11 @@ import pytest
 import tans
 from tans.data.reader import load_task_tensors
 from tans.storage import Storage
-from tests.conftest import LEDGER, REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 CFG = "configs/search/tiny.yaml"
+# Faults and bad inputs are counted through the `ledger` fixture: `tests.conftest` imported here is
+# a second module object, whose LEDGER the run's summary never sees.
 TASK = "clipart_0_9"  # meta_test of the tiny splits: never seen by the zoo or the space
 
 
@@ -36,7 +38,7 @@ def searched(tiny_space):
 
 
 @pytest.mark.timeout(2400)
-def test_report_schema_winner_and_constraints(searched):
+def test_report_schema_winner_and_constraints(searched, ledger):
     root, limit, proc = searched
     run = root / "searches" / "s1"
     report = json.loads((run / "report.json").read_text())
@@ -89,8 +91,8 @@ def test_report_schema_winner_and_constraints(searched):
     other = _search(root, "--max-params", str(limit), "--name", "s1", "--oracle", "epochs=1", timeout=300)
     errors = [line for line in other.stderr.strip().splitlines() if line.startswith("error:")]
     assert other.returncode == 1 and len(errors) == 1 and "other inputs (epochs differ)" in errors[0], other.stderr
-    LEDGER.bad_input()
-    LEDGER.intact({"report": report}, {"report": json.loads((run / "report.json").read_text())})
+    ledger.bad_input()
+    ledger.intact({"report": report}, {"report": json.loads((run / "report.json").read_text())})
 
     # the Python API returns the same report as an object (a finished search is reused)
     api = tans.search(TASK, root=str(root), config=CFG, max_params=limit, name="s1", oracle=True)
@@ -113,7 +115,7 @@ def test_a_failing_trial_does_not_fail_the_search(searched):
 
 
 @pytest.mark.timeout(1800)
-def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(searched, tmp_path):
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(searched, tmp_path, ledger):
     """A trial process killed mid-search (as when its node is lost) restarts from its last
     checkpoint, and the search ends with a complete report."""
     root, limit, _ = searched
@@ -122,7 +124,7 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint(searched, tmp_
     proc = _search(root, "--max-params", str(limit), "--name", "s4", "baselines=[scratch]", "epochs=3",
                    env={"TANS_SEARCH_DIE_ONCE": f"cand0-lr0.05-s0:{trace}"})  # the first candidate's trial
     assert proc.returncode == 0, proc.stderr[-3000:]
-    LEDGER.fault()
+    ledger.fault()
     assert (trace / "died").exists()  # the trial process really died once
     # started at epoch 0, died after epoch 1's checkpoint, restarted from it: epochs 0 and 1 ran once
     assert (trace / "epochs.txt").read_text().split() == ["0", "1"]
@@ -147,7 +149,7 @@ def _drop_a_trial_config(tune_dir):
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("damaged", [False, True], ids=["intact", "trial-config-lost"])
-def test_an_interrupted_search_resumes(tiny_space, damaged):
+def test_an_interrupted_search_resumes(tiny_space, damaged, ledger):
     root, _ = tiny_space
     name = "s3-damaged" if damaged else "s3"
     cmd = [sys.executable, "-m", "tans.cli", "search", "--config", CFG, "--root", str(root), "--dataset", TASK,
@@ -167,7 +169,7 @@ def test_an_interrupted_search_resumes(tiny_space, damaged):
     assert not (root / "searches" / name / "report.json").exists()
     if damaged:
         _drop_a_trial_config(tune_dir)
-        LEDGER.fault()
+        ledger.fault()
     resumed = run_cli("search", "--config", CFG, "--root", str(root), "--dataset", TASK, "--name", name, "epochs=4",
                       "baselines=[scratch]", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
