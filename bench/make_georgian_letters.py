@@ -1,12 +1,14 @@
 """An ImageFolder no built-in source covers, for trying `tans search` on unseen data.
 
-    .venv/bin/python bench/make_georgian_letters.py [OUT] [--script georgian|armenian]   # default /tmp/<script>_letters
-    tans search --dataset /tmp/georgian_letters --max-params 3000000
+    .venv/bin/python bench/make_georgian_letters.py [OUT] [--script georgian|armenian|bengali|cherokee]
+    tans search --dataset /tmp/georgian_letters --max-params 3000000     # OUT defaults to /tmp/<script>_letters
 
-10 Georgian letters (U+10D0..U+10D9; or 10 Armenian ones, U+0561..U+056A), 150 images each,
-64x64 greyscale, drawn with every font on this machine whose character map covers them
-(``fc-list :charset=10d0``), with a seeded random size, offset and rotation. No built-in
-source renders Georgian or Armenian, so neither the zoo nor the space has seen these classes.
+10 letters of one script (Georgian U+10D0..U+10D9, Armenian U+0561..U+056A, Bengali
+U+0995..U+099E, Cherokee U+13A0..U+13A9), 150 images each, 64x64 greyscale, drawn with every
+font on this machine whose character map covers all 10 (``fc-list ":charset=10d0 10d1 ..."``),
+with a seeded random size, offset and rotation. No built-in source renders these scripts, so
+neither the zoo nor the space has seen these classes (the nearest built-in relatives: Bengali is
+akin to Devanagari, and several Cherokee letters look like Latin ones).
 """
 
 from __future__ import annotations
@@ -18,13 +20,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-SCRIPTS = {"georgian": 0x10D0, "armenian": 0x0561}  # first code point of the 10 letters
+SCRIPTS = {"georgian": 0x10D0, "armenian": 0x0561, "bengali": 0x0995, "cherokee": 0x13A0}  # first of 10 letters
 PER_CLASS = 150
 SIZE = 64
 
 
-def script_fonts(first: int) -> list[str]:
-    charset = f":charset={first:x}"
+def script_fonts(letters: list[str]) -> list[str]:
+    charset = ":charset=" + " ".join(f"{ord(ch):x}" for ch in letters)
     out = subprocess.run(["fc-list", charset, "file"], capture_output=True, text=True, check=False).stdout
     fonts = sorted(line.split(":")[0] for line in out.splitlines() if line.strip())
     if not fonts:
@@ -42,7 +44,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"error: --script must be one of {', '.join(SCRIPTS)}")
     letters = [chr(SCRIPTS[script] + i) for i in range(10)]
     out = Path(argv[0] if argv else f"/tmp/{script}_letters")
-    fonts, rng = script_fonts(SCRIPTS[script]), random.Random(0)
+    fonts, rng = script_fonts(letters), random.Random(0)
     for i, ch in enumerate(letters):
         folder = out / f"letter_{i:02d}_{ch}"
         folder.mkdir(parents=True, exist_ok=True)
