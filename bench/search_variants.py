@@ -12,7 +12,11 @@ accuracy in the pool minus the pick's. Variants:
 * ``similarity_top4``: the 4 models the space's similarity ranks first (today's ``tans search``
   with ``top_k: 4``, ``finetune: 4``; ``recorded`` is its pick as the run recorded it);
 * ``predicted_top4``: the 4 the space's performance predictor ranks first;
-* ``with_nearest``: the similarity's first 3, and ``nearest_dataset``'s pick as the 4th.
+* ``with_nearest``: the similarity's first 3, and ``nearest_dataset``'s pick as the 4th;
+* ``random3_nearest``: the ablation of the space: 3 *random* pool models and ``nearest_dataset``'s
+  pick, the expected regret over every such triple (exact, not sampled). What ``with_nearest``
+  gains over it is what the space's ranking adds to fine-tuning 4 models and choosing on
+  validation.
 
 Printed per record and as means, with ``nearest_dataset`` and ``logme`` for reference, and per
 variant the number of tasks (mean over a task's records) where its regret is at most
@@ -27,6 +31,7 @@ runs must match (same stems, same pools, same ground truth).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -46,6 +51,14 @@ def top(scores: dict[str, float], k: int, pool: list[str]) -> list[str]:
     return sorted(pool, key=lambda m: -scores.get(m, float("-inf")))[:k]
 
 
+def random_with_nearest(record: dict, nearest: str, k: int = 3) -> float:
+    """Mean regret of choosing on validation among ``k`` random pool models plus ``nearest``,
+    over every ``k``-subset of the rest of the pool (each subset in pool order, ``nearest`` last)."""
+    rest = [m for m in record["pool"] if m != nearest]
+    subsets = list(itertools.combinations(rest, min(k, len(rest))))
+    return statistics.mean(regret(record, pick_on_validation(record, [*s, nearest])) for s in subsets)
+
+
 def variants(record: dict) -> dict[str, float]:
     methods, pool = record["methods"], record["pool"]
     by_similarity = top(methods["tans_similarity"]["scores"], 4, pool)
@@ -56,6 +69,7 @@ def variants(record: dict) -> dict[str, float]:
         "similarity_top4": regret(record, pick_on_validation(record, by_similarity)),
         "predicted_top4": regret(record, pick_on_validation(record, top(methods["tans_predicted"]["scores"], 4, pool))),
         "with_nearest": regret(record, pick_on_validation(record, with_nearest)),
+        "random3_nearest": random_with_nearest(record, nearest),
         "nearest_dataset": regret(record, nearest),
         "logme": regret(record, methods["logme"]["pick"]),
     }

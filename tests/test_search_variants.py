@@ -49,6 +49,9 @@ def test_variants_pick_on_validation_among_their_candidates():
     assert out["predicted_top4"] == pytest.approx(0.0)
     # a, b, c and nearest_dataset's e: b (0.7) beats e (0.6) on validation
     assert out["with_nearest"] == pytest.approx(100 * (best - 0.60))
+    # 3 of a, b, c, d, f with e: the 6 triples holding f pick it (0); of the other 4, (a, b, c),
+    # (a, b, d) and (b, c, d) pick b (20: b ties c and comes first) and (a, c, d) picks c (15)
+    assert out["random3_nearest"] == pytest.approx((20 + 20 + 20 + 15) / 10)
     assert out["nearest_dataset"] == pytest.approx(10.0) and out["logme"] == pytest.approx(25.0)
 
 
@@ -59,12 +62,12 @@ def test_cli_prints_means_and_rejects_an_empty_run(tmp_path):
     ok = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "r"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     mean = [line for line in ok.stdout.splitlines() if line.startswith("mean")][0].split()[1:]
-    assert [float(x) for x in mean] == [20.0, 20.0, 0.0, 20.0, 10.0, 25.0]
+    assert [float(x) for x in mean] == [20.0, 20.0, 0.0, 20.0, 7.5, 10.0, 25.0]
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "missing"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no records under" in bad.stderr
     # the one task's regret (20) is above nearest_dataset's (10) for similarity, below for the predictor
     tasks = [line for line in ok.stdout.splitlines() if line.startswith("tasks <= nearest")][0].split()[3:]
-    assert tasks == ["0/1", "0/1", "1/1", "0/1", "1/1", "0/1"]
+    assert tasks == ["0/1", "0/1", "1/1", "0/1", "1/1", "1/1", "0/1"]
 
 
 def _rescored(record: dict, order: list[str]) -> dict:
