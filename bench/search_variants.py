@@ -15,7 +15,7 @@ accuracy in the pool minus the pick's. Variants:
 * ``with_nearest``: the similarity's first 3, and ``nearest_dataset``'s pick as the 4th;
 * ``random3_nearest``: the ablation of the space: 3 *random* pool models and ``nearest_dataset``'s
   pick, the expected regret over every such triple (exact, not sampled). What ``with_nearest``
-  gains over it is what the space's ranking adds to fine-tuning 4 models and choosing on
+  and ``recorded`` gain over it is what the space's ranking adds to fine-tuning 4 models and choosing on
   validation.
 
 Printed per record and as means, with ``nearest_dataset`` and ``logme`` for reference, and per
@@ -55,7 +55,7 @@ def random_with_nearest(record: dict, nearest: str, k: int = 3) -> float:
     """Mean regret of choosing on validation among ``k`` random pool models plus ``nearest``,
     over every ``k``-subset of the rest of the pool (each subset in pool order, ``nearest`` last)."""
     rest = [m for m in record["pool"] if m != nearest]
-    subsets = list(itertools.combinations(rest, min(k, len(rest))))
+    subsets = itertools.combinations(rest, min(k, len(rest)))
     return statistics.mean(regret(record, pick_on_validation(record, [*s, nearest])) for s in subsets)
 
 
