@@ -64,11 +64,12 @@ from tans.storage import Storage
 
 # the recipe's settings that the cache key of the ground truth includes: every one that changes a
 # cached number (the pool's fine-tunes, the references, the frozen-feature scores). top_k,
-# finetune, rerank and nearest_candidate only change which of those numbers the TANS picks read, so
-# evaluations that differ in them alone share one ground truth (but not a run: RECIPE_KEYS).
+# finetune, rerank, nearest_candidate and prior_weight only change which of those numbers the TANS
+# picks read, so evaluations that differ in them alone share one ground truth (but not a run: RECIPE_KEYS).
 CACHE_KEYS = ("epochs", "lrs", "batch_size", "weight_decay", "val_fraction", "max_train_images", "max_test_images",
               "query_per_class", "logme_images")
-RECIPE_KEYS = CACHE_KEYS + ("top_k", "finetune", "rerank", "nearest_candidate")  # in evaluation.json and run.json
+# in evaluation.json and run.json
+RECIPE_KEYS = CACHE_KEYS + ("top_k", "finetune", "rerank", "nearest_candidate", "prior_weight")
 
 
 # -- frozen-feature scores of the pool (Ray tasks) -------------------------------------------------
@@ -269,6 +270,7 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
 
     from tans.selection.metrics import ranked_ids
     from tans.space.features import query_from_tensors
+    from tans.space.retrieval import blend_with_prior
 
     retriever = zoo.retriever
     image_size = int(retriever.info["image_size"])
@@ -288,8 +290,6 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     qx, qy = query_from_tensors(extractor, data.train, recipe.query_per_class, seed)
     t_query = time.perf_counter() - t0
     sims, pred = retriever.score_rows(torch.from_numpy(qx), torch.from_numpy(qy), pool)
-    retrieved = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=recipe.top_k, rows=pool,
-                                   rerank=recipe.rerank)
     t_tans = time.perf_counter() - t0
     scores["tans_similarity"] = {"scores": dict(zip(ids, sims.tolist())), "seconds": t_tans}
     scores["tans_predicted"] = {"scores": dict(zip(ids, pred.tolist())), "seconds": t_tans}
@@ -299,6 +299,17 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
                                   [str(zoo.tasks[r]) for r in pool], [zoo.cols["accuracy"][r] for r in pool])
     t_near = time.perf_counter() - t1
     scores["nearest_dataset"] = {"scores": near, "seconds": t_query + t_near}
+    # what `tans search` ranks by: the space's similarity, blended with the nearest-dataset score
+    # when the recipe gives that prior a weight (tans.space.retrieval.blend_with_prior)
+    t2 = time.perf_counter()
+    prior = np.zeros(len(retriever))
+    prior[pool] = [near[m] for m in ids]
+    retrieved = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=recipe.top_k, rows=pool,
+                                   rerank=recipe.rerank, prior=prior, prior_weight=recipe.prior_weight)
+    ranking = blend_with_prior(torch.from_numpy(sims), prior[pool], recipe.prior_weight,
+                               torch.ones(len(pool), dtype=torch.bool))
+    seconds = t_tans + (t_near if recipe.prior_weight > 0 else 0.0) + time.perf_counter() - t2
+    scores["tans_retrieval"] = {"scores": dict(zip(ids, ranking.tolist())), "seconds": seconds}
     # what `tans search` fine-tunes: the retrieval's first `finetune`, the last slot given to the
     # nearest dataset's model when the recipe says so (tans.selection.search.finetune_list)
     near_pick = ranked_ids(near)[0] if recipe.nearest_candidate else None

@@ -440,6 +440,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
         "constraints": dict(constraints),
         "space": {"run": info["run"], "zoo": info["zoo"], "uri": info["uri"]},
         "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "nearest_candidate": cfg.nearest_candidate,
+                     "prior_weight": cfg.prior_weight,
                      "nearest_candidate_added": added, "epochs": cfg.epochs, "seeds": cfg.seeds,
                      "lrs": list(cfg.lrs), "batch_size": cfg.batch_size, "asha": cfg.asha, "seed": cfg.seed},
         "search_seconds": round(time.perf_counter() - t_start, 1),
@@ -469,15 +470,32 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
     extractor = build_extractor(retriever.extractor_spec)
     t_sel = time.perf_counter()
     qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
+    prior = _nearest_prior(retriever, qx) if cfg.prior_weight > 0 else None
     try:
         result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, rerank=cfg.rerank,
-                                    **constraints)
+                                    prior=prior, prior_weight=cfg.prior_weight, **constraints)
     except UnsatisfiableConstraint as exc:
         raise SearchError(str(exc)) from None
     seconds = time.perf_counter() - t_sel
     if result.note:
         print(f"[search] note: {result.note}")
     return qx, qy, result, seconds
+
+
+def _nearest_prior(retriever, qx) -> np.ndarray | None:
+    """The nearest-dataset score of every index row (tans.selection.evaluation.nearest_dataset_scores),
+    the prior that retrieval blends in; None (retrieval by the space alone) when no zoo task has a
+    stored query."""
+    from tans.selection.evaluation import nearest_dataset_scores
+
+    means = zoo_task_means(_space_root(retriever), retriever.info)
+    if not means:
+        return None
+    rows = [str(i) for i in range(len(retriever))]
+    accuracy = retriever.index_table.column("accuracy").to_numpy() if retriever.index_table is not None \
+        else np.zeros(len(retriever))
+    scores = nearest_dataset_scores(qx.mean(axis=0), means, rows, list(retriever.tasks), list(accuracy))
+    return np.array([scores[r] for r in rows])
 
 
 def _nearest_pick(index: _Index, qx, constraints: dict) -> tuple[int, str, float] | None:

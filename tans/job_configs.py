@@ -270,6 +270,9 @@ class SearchConfig:
     # The last fine-tune slot goes to the nearest dataset's best model (when finetune >= 2 and it is
     # not already among them): chosen on meta_val plus 6 meta_train tasks of held-out sources (README).
     nearest_candidate: bool = True
+    # > 0: retrieval ranks by z(similarity) + prior_weight * z(nearest-dataset score) over the models
+    # that meet the constraints (tans.space.retrieval.blend_with_prior), instead of similarity + re-rank
+    prior_weight: float = 0.0
     epochs: int = 3
     seeds: int = 1  # every fine-tune repeats with seeds seed..seed+seeds-1 (mean ± std)
     lrs: list[float] = field(default_factory=lambda: [0.02])  # grid: model and lr chosen together

@@ -72,6 +72,29 @@ def topk_cosine(query_emb: torch.Tensor, index_emb: torch.Tensor, k: int, mask: 
     return indices, values
 
 
+def standardise(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``values`` minus their mean, over their standard deviation, both taken over the rows where
+    ``mask`` is True (a constant column gives zeros, never a division by zero)."""
+    kept = values[mask]
+    if kept.numel() == 0:
+        return torch.zeros_like(values)
+    sd = kept.std(unbiased=False)
+    return (values - kept.mean()) / (sd if float(sd) > 0 else 1.0)
+
+
+def blend_with_prior(space_scores: torch.Tensor, prior, weight: float, mask: torch.Tensor) -> torch.Tensor:
+    """``z(space_scores) + weight * z(prior)``, both standardised over the rows ``mask`` keeps.
+
+    The two scores live on unrelated scales (a cosine, a rank-based nearest-dataset score), so
+    each is standardised over the candidates before they are added; ``weight`` 0 ranks exactly
+    as ``space_scores`` do.
+    """
+    prior = torch.as_tensor(np.asarray(prior, dtype=np.float64), dtype=space_scores.dtype)
+    if prior.shape != space_scores.shape:
+        raise SpaceError(f"the prior has {tuple(prior.shape)} values but the index {tuple(space_scores.shape)} rows")
+    return standardise(space_scores, mask) + float(weight) * standardise(prior, mask)
+
+
 @dataclass
 class Candidate:
     """One retrieved model."""
@@ -205,11 +228,17 @@ class Retriever:
         family: str | None = None,
         rerank: bool = True,
         rows=None,
+        prior=None,
+        prior_weight: float = 0.0,
     ) -> RetrievalResult:
         """Encode the query, mask by the constraints, take the top-k by cosine, re-rank by predictor.
 
         ``rows`` (optional index rows) restricts the choice to those models, e.g. an evaluation
-        pool. Raises SpaceError for k <= 0 or a bad query, UnsatisfiableConstraint if no model fits.
+        pool. ``prior`` (one score per index row, higher = better, e.g.
+        :func:`tans.selection.evaluation.nearest_dataset_scores`) with ``prior_weight`` > 0 ranks
+        by :func:`blend_with_prior` of the cosine instead, over the rows that satisfy everything;
+        the blend then replaces the predictor's re-ranking. Raises SpaceError for k <= 0 or a bad
+        query, UnsatisfiableConstraint if no model fits.
         """
         if k <= 0:
             raise SpaceError(f"k must be >= 1, got {k}")
@@ -228,7 +257,15 @@ class Retriever:
                 f"n_params={self.n_params[i]}, flops={self.flops[i]}): relax the constraint"
             )
         q = self.query_encoder(torch.as_tensor(query_features), torch.as_tensor(query_labels))
-        idx, sims = topk_cosine(q, self.embeddings, k, torch.from_numpy(mask))
+        mask_t = torch.from_numpy(mask)
+        if prior is not None and prior_weight > 0:
+            cosine = self.embeddings @ q.to(self.embeddings.dtype)
+            ranking = blend_with_prior(cosine, prior, prior_weight, mask_t).masked_fill(~mask_t, float("-inf"))
+            idx = torch.topk(ranking, min(k, survivors)).indices
+            sims = cosine[idx]
+            rerank = False  # the blend is the ranking
+        else:
+            idx, sims = topk_cosine(q, self.embeddings, k, mask_t)
         pred = self.predictor(q[None], self.embeddings[idx]).reshape(-1)
         order = torch.argsort(pred, descending=True, stable=True) if rerank else torch.arange(len(idx))
         candidates = [

@@ -111,17 +111,34 @@ def test_metrics_recompute_from_the_raw_numbers(resumed, tmp_path):
     # a rerun reuses every record; another run over the same targets reuses the cached ground truth
     again = _evaluate(root, "--name", "main")
     assert again.returncode == 0 and again.stdout.count("finished earlier") == 2
-    # ... even when it fine-tunes fewer of TANS's retrieved models: that only changes its pick
+    # ... even when it fine-tunes fewer of TANS's retrieved models and ranks them with the
+    # nearest-dataset prior: that only changes which models it reads
     recipe = tmp_path / "search-finetune-1.yaml"
-    recipe.write_text((REPO / "configs/search/tiny.yaml").read_text().replace("finetune: 2", "finetune: 1"))
+    recipe.write_text((REPO / "configs/search/tiny.yaml").read_text().replace("finetune: 2", "finetune: 1")
+                      + "\nprior_weight: 2.0\n")
     other = _evaluate(root, "--name", "main-again", f"search={recipe}")
     assert other.returncode == 0, other.stderr[-3000:]
     assert other.stdout.count("measured earlier") == 2
     ev2 = json.loads((root / "evaluations" / "main-again" / "evaluation.json").read_text())
     assert [t["ground_truth"] for t in ev2["targets"]] == [t["ground_truth"] for t in ev["targets"]]
+
+    def z(scores, pool):
+        v = np.array([scores[m] for m in pool])
+        return (v - v.mean()) / (v.std() or 1.0)
+
     for t1, t2 in zip(ev["targets"], ev2["targets"]):
+        pool = t2["pool"]
         fine1, fine2 = t1["methods"]["tans_search"]["finetuned"], t2["methods"]["tans_search"]["finetuned"]
-        assert len(fine1) == 2 and fine2 == fine1[:1] and t2["methods"]["tans_search"]["pick"] == fine2[0]
+        assert len(fine1) == 2 and len(fine2) == 1 and t2["methods"]["tans_search"]["pick"] == fine2[0]
+        # without a prior the retrieval order is the similarity's; with one, the standardised sum's
+        # (and its first model is the one fine-tuned)
+        ret1 = t1["methods"]["tans_retrieval"]["scores"]
+        assert [ret1[m] for m in pool] == pytest.approx(list(z(t1["methods"]["tans_similarity"]["scores"], pool)))
+        ret2 = t2["methods"]["tans_retrieval"]["scores"]
+        near = t2["methods"]["nearest_dataset"]["scores"]
+        blend = z(t2["methods"]["tans_similarity"]["scores"], pool) + 2.0 * z(near, pool)
+        assert [ret2[m] for m in pool] == pytest.approx(list(blend), abs=1e-5)
+        assert fine2 == [max(pool, key=lambda m: ret2[m])]
     # the same name with other settings is refused in one line
     clash = _evaluate(root, "--name", "main", "pool_cap=4")
     assert clash.returncode == 1 and "other settings" in clash.stderr

@@ -200,3 +200,24 @@ def test_bad_input_is_one_line_and_writes_no_search(tiny_space, args, needle):
     assert not (root / "searches" / "bad").exists()
     after = set(os.listdir(root / "searches")) if (root / "searches").exists() else set()
     assert after == before
+
+
+@pytest.mark.timeout(600)
+def test_the_nearest_dataset_prior_ranks_the_querys_own_zoo_task_first(searched):
+    """The prior that `prior_weight` blends into retrieval: a zoo task's own stored query finds
+    that task nearest, so its models score highest, the most accurate of them first."""
+    from jobs.search import _nearest_prior, _space_root
+    from tans.space.features import read_query
+    from tans.space.retrieval import Retriever
+
+    root, _, _ = searched
+    retriever = Retriever.load(str(root / "spaces" / "tiny"))
+    task = retriever.info["train_tasks"][0]
+    qx, _ = read_query(_space_root(retriever), retriever.info["extractor"]["name"], task)
+    prior = _nearest_prior(retriever, qx)
+    assert prior is not None and prior.shape == (len(retriever),)
+    own = np.flatnonzero(retriever.tasks == task)
+    others = np.flatnonzero(retriever.tasks != task)
+    assert prior[own].min() > prior[others].max()
+    accuracy = retriever.index_table.column("accuracy").to_numpy()
+    assert int(np.argmax(prior)) == int(own[np.argmax(accuracy[own])])

@@ -121,3 +121,32 @@ def test_unsatisfiable_constraint_names_the_smallest_model():
     assert "\n" not in msg and isinstance(err.value, SpaceError)
     with pytest.raises(SpaceError, match="at least 2 classes"):
         r.retrieve(x, torch.zeros(20, dtype=torch.long))
+
+
+@pytest.mark.timeout(60)
+def test_retrieval_blended_with_a_prior_ranks_by_the_standardised_sum():
+    r = _retriever()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(20, 6, generator=g), torch.arange(4).repeat_interleave(5)
+    limit = int(np.median(r.n_params))
+    with torch.no_grad():
+        q = r.query_encoder(x, y)
+    sims = (r.embeddings @ q).numpy().astype(np.float64)
+    prior = np.random.default_rng(7).normal(size=len(r))
+    kept = np.flatnonzero(r.n_params <= limit)
+
+    def z(v):  # standardised over the rows that meet the constraint, by hand
+        return (v - v[kept].mean()) / v[kept].std()
+
+    for weight in (0.5, 3.0):
+        res = r.retrieve(x, y, k=6, max_params=limit, prior=prior, prior_weight=weight)
+        brute = sorted(kept, key=lambda i: -(z(sims)[i] + weight * z(prior)[i]))[:6]
+        assert [c.model_id for c in res.candidates] == [f"m{i}" for i in brute]
+        assert [c.similarity for c in res.candidates] == pytest.approx([sims[i] for i in brute], abs=1e-5)
+    # a large weight follows the prior; weight 0 is retrieval by the space alone (re-ranked)
+    by_prior = r.retrieve(x, y, k=3, max_params=limit, prior=prior, prior_weight=1e6)
+    assert [c.model_id for c in by_prior.candidates] == [f"m{i}" for i in sorted(kept, key=lambda i: -prior[i])[:3]]
+    plain = r.retrieve(x, y, k=6, max_params=limit)
+    assert r.retrieve(x, y, k=6, max_params=limit, prior=prior, prior_weight=0.0) == plain
+    with pytest.raises(SpaceError, match="prior has"):
+        r.retrieve(x, y, k=6, prior=prior[:-1], prior_weight=1.0)
