@@ -299,16 +299,17 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
                                   [str(zoo.tasks[r]) for r in pool], [zoo.cols["accuracy"][r] for r in pool])
     t_near = time.perf_counter() - t1
     scores["nearest_dataset"] = {"scores": near, "seconds": t_query + t_near}
-    # what `tans search` ranks by: the space's similarity, blended with the nearest-dataset score
-    # when the recipe gives that prior a weight (tans.space.retrieval.blend_with_prior)
+    # what `tans search` ranks by: the similarity, or with the recipe's prior_weight > 0 the
+    # predictor's score blended with the nearest-dataset score (tans.space.retrieval.blend_with_prior)
     t2 = time.perf_counter()
     prior = np.zeros(len(retriever))
     prior[pool] = [near[m] for m in ids]
     retrieved = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=recipe.top_k, rows=pool,
                                    rerank=recipe.rerank, prior=prior, prior_weight=recipe.prior_weight)
-    ranking = blend_with_prior(torch.from_numpy(sims), prior[pool], recipe.prior_weight,
+    blended = recipe.prior_weight > 0
+    ranking = blend_with_prior(torch.from_numpy(pred if blended else sims), prior[pool], recipe.prior_weight,
                                torch.ones(len(pool), dtype=torch.bool))
-    seconds = t_tans + (t_near if recipe.prior_weight > 0 else 0.0) + time.perf_counter() - t2
+    seconds = t_tans + (t_near if blended else 0.0) + time.perf_counter() - t2
     scores["tans_retrieval"] = {"scores": dict(zip(ids, ranking.tolist())), "seconds": seconds}
     # what `tans search` fine-tunes: the retrieval's first `finetune`, the last slot given to the
     # nearest dataset's model when the recipe says so (tans.selection.search.finetune_list)

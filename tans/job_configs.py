@@ -270,9 +270,10 @@ class SearchConfig:
     # The last fine-tune slot goes to the nearest dataset's best model (when finetune >= 2 and it is
     # not already among them): chosen on meta_val plus 6 meta_train tasks of held-out sources (README).
     nearest_candidate: bool = True
-    # > 0: retrieval ranks by z(similarity) + prior_weight * z(nearest-dataset score) over the models
-    # that meet the constraints (tans.space.retrieval.blend_with_prior), instead of similarity + re-rank
-    prior_weight: float = 0.0
+    # > 0: retrieval ranks by z(predicted accuracy) + prior_weight * z(nearest-dataset score) over the
+    # models that meet the constraints (tans.space.retrieval.blend_with_prior) instead of similarity
+    # top-k + re-rank; 0: the space alone. 1.0 chosen on meta_val plus held-out sources (README).
+    prior_weight: float = 1.0
     epochs: int = 3
     seeds: int = 1  # every fine-tune repeats with seeds seed..seed+seeds-1 (mean ± std)
     lrs: list[float] = field(default_factory=lambda: [0.02])  # grid: model and lr chosen together
@@ -300,6 +301,8 @@ class SearchConfig:
         check_run_refs(self.name, self.space)
         if self.top_k < 1 or self.finetune < 1:
             raise ValueError("top_k and finetune must be >= 1")
+        if not self.prior_weight >= 0:
+            raise ValueError(f"prior_weight must be >= 0 (0: retrieval by the space alone), got {self.prior_weight}")
         if self.finetune > self.top_k:
             raise ValueError(f"finetune ({self.finetune}) cannot be larger than top_k ({self.top_k})")
         if self.epochs < 1 or self.seeds < 1:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 # Method keys, in the order the report lists them.
-# tans_retrieval: the order `tans search` retrieves in (the similarity, blended with the
-# nearest-dataset score when the recipe's prior_weight > 0)
+# tans_retrieval: the order `tans search` retrieves in (the predictor's score blended with the
+# nearest-dataset score when the recipe's prior_weight > 0, else the similarity)
 TANS_METHODS = ("tans_similarity", "tans_predicted", "tans_retrieval", "tans_search")
 FEATURE_METHODS = ("logme", "hscore", "nleep", "linear_probe")  # score frozen features of every pool model
 CHEAP_METHODS = ("nearest_dataset", "size", "random")

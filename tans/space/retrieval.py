@@ -236,9 +236,9 @@ class Retriever:
         ``rows`` (optional index rows) restricts the choice to those models, e.g. an evaluation
         pool. ``prior`` (one score per index row, higher = better, e.g.
         :func:`tans.selection.evaluation.nearest_dataset_scores`) with ``prior_weight`` > 0 ranks
-        by :func:`blend_with_prior` of the cosine instead, over the rows that satisfy everything;
-        the blend then replaces the predictor's re-ranking. Raises SpaceError for k <= 0 or a bad
-        query, UnsatisfiableConstraint if no model fits.
+        instead by :func:`blend_with_prior` of the predictor's score and the prior, over the rows
+        that satisfy everything; that blend replaces the cosine top-k and the re-ranking. Raises
+        SpaceError for k <= 0 or a bad query, UnsatisfiableConstraint if no model fits.
         """
         if k <= 0:
             raise SpaceError(f"k must be >= 1, got {k}")
@@ -259,10 +259,11 @@ class Retriever:
         q = self.query_encoder(torch.as_tensor(query_features), torch.as_tensor(query_labels))
         mask_t = torch.from_numpy(mask)
         if prior is not None and prior_weight > 0:
-            cosine = self.embeddings @ q.to(self.embeddings.dtype)
-            ranking = blend_with_prior(cosine, prior, prior_weight, mask_t).masked_fill(~mask_t, float("-inf"))
+            # the predictor's score of every row, not the cosine: chosen on validation (README "Evaluation")
+            predicted = self.predictor(q[None], self.embeddings).reshape(-1)
+            ranking = blend_with_prior(predicted, prior, prior_weight, mask_t).masked_fill(~mask_t, float("-inf"))
             idx = torch.topk(ranking, min(k, survivors)).indices
-            sims = cosine[idx]
+            sims = (self.embeddings @ q.to(self.embeddings.dtype))[idx]
             rerank = False  # the blend is the ranking
         else:
             idx, sims = topk_cosine(q, self.embeddings, k, mask_t)

@@ -130,15 +130,14 @@ def test_metrics_recompute_from_the_raw_numbers(resumed, tmp_path):
         pool = t2["pool"]
         fine1, fine2 = t1["methods"]["tans_search"]["finetuned"], t2["methods"]["tans_search"]["finetuned"]
         assert len(fine1) == 2 and len(fine2) == 1 and t2["methods"]["tans_search"]["pick"] == fine2[0]
-        # without a prior the retrieval order is the similarity's; with one, the standardised sum's
-        # (and its first model is the one fine-tuned)
-        ret1 = t1["methods"]["tans_retrieval"]["scores"]
-        assert [ret1[m] for m in pool] == pytest.approx(list(z(t1["methods"]["tans_similarity"]["scores"], pool)))
-        ret2 = t2["methods"]["tans_retrieval"]["scores"]
-        near = t2["methods"]["nearest_dataset"]["scores"]
-        blend = z(t2["methods"]["tans_similarity"]["scores"], pool) + 2.0 * z(near, pool)
-        assert [ret2[m] for m in pool] == pytest.approx(list(blend), abs=1e-5)
-        assert fine2 == [max(pool, key=lambda m: ret2[m])]
+        # the retrieval order is the standardised sum of the predictor's and the nearest dataset's
+        # scores, with the recipe's prior_weight (1 by default, 2 here); its first model is fine-tuned
+        for t, weight in ((t1, 1.0), (t2, 2.0)):
+            ret = t["methods"]["tans_retrieval"]["scores"]
+            blend = z(t["methods"]["tans_predicted"]["scores"], pool) + weight * z(t["methods"]["nearest_dataset"]
+                                                                                  ["scores"], pool)
+            assert [ret[m] for m in pool] == pytest.approx(list(blend), abs=1e-5)
+        assert fine2 == [max(pool, key=lambda m: t2["methods"]["tans_retrieval"]["scores"][m])]
     # the same name with other settings is refused in one line
     clash = _evaluate(root, "--name", "main", "pool_cap=4")
     assert clash.returncode == 1 and "other settings" in clash.stderr

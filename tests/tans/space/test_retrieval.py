@@ -124,13 +124,14 @@ def test_unsatisfiable_constraint_names_the_smallest_model():
 
 
 @pytest.mark.timeout(60)
-def test_retrieval_blended_with_a_prior_ranks_by_the_standardised_sum():
+def test_retrieval_blended_with_a_prior_ranks_by_the_standardised_sum_with_the_predictor():
     r = _retriever()
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(20, 6, generator=g), torch.arange(4).repeat_interleave(5)
     limit = int(np.median(r.n_params))
     with torch.no_grad():
         q = r.query_encoder(x, y)
+        predicted = r.predictor(q[None], r.embeddings).reshape(-1).numpy().astype(np.float64)
     sims = (r.embeddings @ q).numpy().astype(np.float64)
     prior = np.random.default_rng(7).normal(size=len(r))
     kept = np.flatnonzero(r.n_params <= limit)
@@ -140,9 +141,12 @@ def test_retrieval_blended_with_a_prior_ranks_by_the_standardised_sum():
 
     for weight in (0.5, 3.0):
         res = r.retrieve(x, y, k=6, max_params=limit, prior=prior, prior_weight=weight)
-        brute = sorted(kept, key=lambda i: -(z(sims)[i] + weight * z(prior)[i]))[:6]
+        # the predictor's score, standardised, plus the weighted prior
+        brute = sorted(kept, key=lambda i: -(z(predicted)[i] + weight * z(prior)[i]))[:6]
         assert [c.model_id for c in res.candidates] == [f"m{i}" for i in brute]
         assert [c.similarity for c in res.candidates] == pytest.approx([sims[i] for i in brute], abs=1e-5)
+        assert [c.predicted_accuracy for c in res.candidates] == pytest.approx([predicted[i] for i in brute],
+                                                                              abs=1e-5)
     # a large weight follows the prior; weight 0 is retrieval by the space alone (re-ranked)
     by_prior = r.retrieve(x, y, k=3, max_params=limit, prior=prior, prior_weight=1e6)
     assert [c.model_id for c in by_prior.candidates] == [f"m{i}" for i in sorted(kept, key=lambda i: -prior[i])[:3]]
