@@ -19,25 +19,21 @@ to report.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+
+# the record helpers the search replay already has: regret, z-scores, choice on validation, loading
+from search_variants import pick_on_validation, records_of, regret, zscores  # noqa: E402
 
 from tans.selection.metrics import weighted_tau  # noqa: E402
 from tans.selection.search import finetune_list  # noqa: E402
 
 SPACE_SCORES = ("tans_similarity", "tans_predicted")
-
-
-def zscores(scores: dict[str, float], pool: list[str]) -> dict[str, float]:
-    values = [float(scores[m]) for m in pool]
-    mean, sd = statistics.mean(values), statistics.pstdev(values) or 1.0
-    return {m: (float(scores[m]) - mean) / sd for m in pool}
 
 
 def blend(record: dict, space_key: str, alpha: float) -> dict[str, float]:
@@ -53,16 +49,9 @@ def ranked(scores: dict[str, float]) -> list[str]:
     return sorted(scores, key=lambda m: -scores[m])
 
 
-def regret(record: dict, model_id: str) -> float:
-    truth = record["ground_truth"]
-    return 100 * (max(v["test_accuracy"] for v in truth.values()) - truth[model_id]["test_accuracy"])
-
-
 def search_pick(record: dict, order: list[str], n: int = 4) -> str:
     """What ``tans search`` keeps: of its ``n`` fine-tunes, the best on validation (ties: earlier)."""
-    candidates = finetune_list(order, record["methods"]["nearest_dataset"]["pick"], n)
-    truth = record["ground_truth"]
-    return max(candidates, key=lambda m: (truth[m]["val_accuracy"], -candidates.index(m)))
+    return pick_on_validation(record, finetune_list(order, record["methods"]["nearest_dataset"]["pick"], n))
 
 
 def judge(record: dict, space_key: str, alpha: float) -> dict[str, float]:
@@ -71,13 +60,6 @@ def judge(record: dict, space_key: str, alpha: float) -> dict[str, float]:
     truth = {m: v["test_accuracy"] for m, v in record["ground_truth"].items()}
     return {"tau": weighted_tau(scores, truth), "top1": regret(record, order[0]),
             "search": regret(record, search_pick(record, order))}
-
-
-def records_of(root: str, run: str) -> list[dict]:
-    files = sorted((Path(root) / "evaluations" / run / "targets").glob("*.json"))
-    if not files:
-        raise SystemExit(f"score_blend: no records under {Path(root) / 'evaluations' / run / 'targets'}")
-    return [json.loads(f.read_text()) for f in files]
 
 
 def table(records: list[dict], alphas: list[float]) -> list[dict]:
@@ -115,7 +97,7 @@ def main() -> None:
         alphas = [float(a) for a in args.alphas.split(",")]
     except ValueError:
         raise SystemExit(f"score_blend: --alphas must be comma-separated numbers, got {args.alphas!r}") from None
-    records = [r for run in args.runs for r in records_of(args.root, run)]
+    records = [r for run in args.runs for r in records_of(args.root, run).values()]
     print(f"{len(records)} records from {', '.join(args.runs)}")
     print(f"{'score':16s}{'alpha':>7s}{'tau':>9s}{'top-1':>8s}{'search':>8s}")
     for row in table(records, alphas):

@@ -390,11 +390,13 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                             cfg.max_test_images)
     constraints = {"max_params": cfg.max_params or None, "max_flops": cfg.max_flops or None,
                    "family": cfg.family or None}
-    qx, qy, result, tans_seconds = _retrieve(cfg, retriever, data, constraints)
+    # the zoo tasks' mean query features, read once: the retrieval's prior and the nearest dataset's pick
+    wants_nearest = cfg.nearest_candidate or "nearest_dataset" in cfg.baselines
+    means = zoo_task_means(_space_root(retriever), info) if cfg.prior_weight > 0 or wants_nearest else {}
+    qx, qy, result, tans_seconds = _retrieve(cfg, retriever, data, constraints, means)
     index = _Index(retriever)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    nearest = _nearest_pick(index, qx, constraints) if cfg.nearest_candidate or "nearest_dataset" in cfg.baselines \
-        else None
+    nearest = _nearest_pick(index, qx, constraints, means) if wants_nearest else None
     fine = _finetuned_candidates(cfg, retriever, index, result, nearest, qx, qy)
     added = next((c.model_id for c in fine if c.model_id not in {r.model_id for r in result.candidates}), None)
     print(f"[search] {task} ({how}): {len(data.classes)} classes, train {len(data.train)} / val {len(data.val)} / "
@@ -460,7 +462,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     return report
 
 
-def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
+def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict, means: dict):
     """Encode the query and retrieve: (query features, RetrievalResult, seconds a user waits for it)."""
     import torch
 
@@ -470,7 +472,7 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
     extractor = build_extractor(retriever.extractor_spec)
     t_sel = time.perf_counter()
     qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
-    prior = _nearest_prior(retriever, qx) if cfg.prior_weight > 0 else None
+    prior = _nearest_prior(retriever, qx, means) if cfg.prior_weight > 0 else None
     try:
         result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, rerank=cfg.rerank,
                                     prior=prior, prior_weight=cfg.prior_weight, **constraints)
@@ -482,13 +484,12 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
     return qx, qy, result, seconds
 
 
-def _nearest_prior(retriever, qx) -> np.ndarray | None:
+def _nearest_prior(retriever, qx, means: dict) -> np.ndarray | None:
     """The nearest-dataset score of every index row (tans.selection.evaluation.nearest_dataset_scores),
     the prior that retrieval blends in; None (retrieval by the space alone) when no zoo task has a
     stored query."""
     from tans.selection.evaluation import nearest_dataset_scores
 
-    means = zoo_task_means(_space_root(retriever), retriever.info)
     if not means:
         return None
     rows = [str(i) for i in range(len(retriever))]
@@ -498,14 +499,13 @@ def _nearest_prior(retriever, qx) -> np.ndarray | None:
     return np.array([scores[r] for r in rows])
 
 
-def _nearest_pick(index: _Index, qx, constraints: dict) -> tuple[int, str, float] | None:
+def _nearest_pick(index: _Index, qx, constraints: dict, means: dict) -> tuple[int, str, float] | None:
     """(row, zoo task, feature cosine) of the nearest zoo task's best model that meets the
     constraints; None when no zoo task has a stored query with such a model."""
     from tans.space.retrieval import constraint_mask
 
     retriever, cols = index.retriever, index.cols
     pool = np.flatnonzero(constraint_mask(retriever.n_params, retriever.flops, retriever.families, **constraints))
-    means = zoo_task_means(_space_root(retriever), retriever.info)
     try:
         return pick_nearest_dataset(qx.mean(axis=0), means, pool, np.asarray(cols["task"], dtype=object),
                                     np.asarray(cols["accuracy"]))
