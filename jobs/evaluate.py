@@ -44,7 +44,6 @@ from tans.selection.evaluation import (
     METHODS,
     evaluation_markdown,
     excluded_tasks,
-    nearest_dataset_scores,
     plot_evaluation,
     pool_stats,
     random_scores,
@@ -58,8 +57,8 @@ from tans.selection.search import (
     finetune_list,
     load_search_data,
     prepare_dataset,
-    zoo_task_means,
 )
+from tans.space.prior import nearest_dataset_scores, zoo_task_means
 from tans.storage import Storage
 
 # the recipe's settings that the cache key of the ground truth includes: every one that changes a

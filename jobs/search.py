@@ -52,7 +52,6 @@ from tans.selection.search import (
     prepare_dataset,
     report_markdown,
     summarise_candidates,
-    zoo_task_means,
 )
 from tans.storage import Storage
 
@@ -392,7 +391,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                    "family": cfg.family or None}
     # the zoo tasks' mean query features, read once: the retrieval's prior and the nearest dataset's pick
     wants_nearest = cfg.nearest_candidate or "nearest_dataset" in cfg.baselines
-    means = zoo_task_means(_space_root(retriever), info) if cfg.prior_weight > 0 or wants_nearest else {}
+    means = retriever.task_means if cfg.prior_weight > 0 or wants_nearest else {}
     qx, qy, result, tans_seconds = _retrieve(cfg, retriever, data, constraints, means)
     index = _Index(retriever)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
@@ -472,7 +471,7 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict, means: dict
     extractor = build_extractor(retriever.extractor_spec)
     t_sel = time.perf_counter()
     qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
-    prior = _nearest_prior(retriever, qx, means) if cfg.prior_weight > 0 else None
+    prior = retriever.nearest_prior(qx) if cfg.prior_weight > 0 and means else None
     try:
         result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, rerank=cfg.rerank,
                                     prior=prior, prior_weight=cfg.prior_weight, **constraints)
@@ -482,21 +481,6 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict, means: dict
     if result.note:
         print(f"[search] note: {result.note}")
     return qx, qy, result, seconds
-
-
-def _nearest_prior(retriever, qx, means: dict) -> np.ndarray | None:
-    """The nearest-dataset score of every index row (tans.selection.evaluation.nearest_dataset_scores),
-    the prior that retrieval blends in; None (retrieval by the space alone) when no zoo task has a
-    stored query."""
-    from tans.selection.evaluation import nearest_dataset_scores
-
-    if not means:
-        return None
-    rows = [str(i) for i in range(len(retriever))]
-    accuracy = retriever.index_table.column("accuracy").to_numpy() if retriever.index_table is not None \
-        else np.zeros(len(retriever))
-    scores = nearest_dataset_scores(qx.mean(axis=0), means, rows, list(retriever.tasks), list(accuracy))
-    return np.array([scores[r] for r in rows])
 
 
 def _nearest_pick(index: _Index, qx, constraints: dict, means: dict) -> tuple[int, str, float] | None:

@@ -103,6 +103,7 @@ _MULTIPART_SCHEMA = {
         "labels": {"type": "string", "description": "repeated fields, or '0,1,1', or '[0,1,1]'"},
         **{name: {"type": "integer"} for name in ("k", "max_params", "max_flops", "per_class", "seed")},
         "family": {"type": "string"}, "dataset": {"type": "string"}, "rerank": {"type": "boolean"},
+        "prior_weight": {"type": "number"},
     },
 }
 
@@ -315,7 +316,9 @@ class Ingress:
 
         async def search(encoded):
             res = await self.index.search.remote(encoded["embedding"], encoded["space_uri"], req.k, req.max_params,
-                                                 req.max_flops, req.family, req.rerank)
+                                                 req.max_flops, req.family, req.rerank,
+                                                 # absent from an Encoder of an older version: the space alone
+                                                 encoded.get("feature_mean"), req.prior_weight)
             if "error" in res:
                 raise ApiError(res["status"], res["error"])
             return res

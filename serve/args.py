@@ -28,6 +28,7 @@ import ipaddress
 from pydantic import BaseModel, ConfigDict, Field
 
 from tans.config import ConfigError
+from tans.space.prior import DEFAULT_PRIOR_WEIGHT
 
 DEFAULT_TOKEN_ENV = "TANS_SERVE_TOKEN"
 RETRY_AFTER_S = 1  # the Retry-After of a 503 from a full ingress replica
@@ -50,6 +51,9 @@ class AppArgs(BaseModel):
         "decoded-pixel budget of a request: the sum of width x height over its images, read from their headers "
         "before any image is decoded (more -> 413; 64 M = 61 images of 1024x1024 or 1275 of 224x224)"))
     max_k: int = Field(100, ge=1, description="largest k a request may ask for (more -> 400)")
+    prior_weight: float = Field(DEFAULT_PRIOR_WEIGHT, ge=0, description=(
+        "default weight of the nearest-dataset prior in the ranking, as in `tans search`: z(predicted accuracy) "
+        "+ prior_weight * z(nearest-dataset score); 0 ranks by the space alone (a request may set its own)"))
     per_class: int = Field(20, ge=1, description="default images per class sampled from a `dataset`")
     max_per_class: int = Field(200, ge=1, description="largest per_class a request may ask for")
     request_timeout_s: float = Field(60.0, gt=0, description=(

@@ -218,7 +218,9 @@ class Encoder(_SpaceHolder):
         return {"space_uri": space.uri, "image_size": int(space.image_size)}
 
     async def encode(self, images, labels: np.ndarray, pin: str | None = None) -> dict:
-        """{space_uri, space_run, embedding, resized}, or {missing: pin, current} if ``pin`` is not held."""
+        """{space_uri, space_run, embedding, feature_mean, resized}, or {missing: pin, current} if ``pin``
+        is not held. ``feature_mean`` (the query's mean extractor feature) is what the Index's
+        nearest-dataset prior compares with the zoo tasks'."""
         space = self.spaces.get(pin)
         if space is None:
             return {"missing": pin, "current": self.spaces.current.uri}
@@ -230,7 +232,7 @@ class Encoder(_SpaceHolder):
                 return space.query_encoder(features, torch.from_numpy(np.array(labels, dtype=np.int64))).numpy()
 
         return {"space_uri": space.uri, "space_run": space.run, "embedding": await asyncio.to_thread(embed),
-                "resized": resized}
+                "feature_mean": features.mean(0).numpy(), "resized": resized}
 
 
 @serve.deployment(
@@ -240,14 +242,20 @@ class Encoder(_SpaceHolder):
     health_check_period_s=10,
 )
 class Index(_SpaceHolder):
-    """The space's model index: constraint mask, top-k by cosine, predictor re-rank; zoo rows; info."""
+    """The space's model index: constraint mask, the ranking (the predictor blended with the
+    nearest-dataset prior, or top-k by cosine and a predictor re-rank); zoo rows; info."""
 
     def _load(self, uri: str):
         return load_index_space(uri)
 
     def search(self, embedding: np.ndarray, pin: str, k: int, max_params: int | None, max_flops: int | None,
-               family: str | None, rerank: bool) -> dict:
-        """The ranked candidates for a query embedding made with space ``pin`` (or {missing, current})."""
+               family: str | None, rerank: bool, feature_mean: np.ndarray | None = None,
+               prior_weight: float | None = None) -> dict:
+        """The ranked candidates for a query embedding made with space ``pin`` (or {missing, current}).
+
+        With the query's mean extractor feature and a prior weight > 0 (None: the service's), the
+        ranking blends in the nearest-dataset prior exactly as ``tans search`` does
+        (:meth:`tans.space.retrieval.Retriever.retrieve_images`)."""
         from tans.space.encoders import SpaceError
         from tans.space.retrieval import UnsatisfiableConstraint
 
@@ -256,15 +264,19 @@ class Index(_SpaceHolder):
             return {"missing": pin, "current": self.spaces.current.uri}
         try:
             query = torch.from_numpy(np.array(embedding, dtype=np.float32))
+            weight = self.args.prior_weight if prior_weight is None else float(prior_weight)
+            prior = space.retriever.nearest_prior(np.asarray(feature_mean, dtype=np.float32)[None]) \
+                if weight > 0 and feature_mean is not None else None
             result = space.retriever.retrieve(query, torch.zeros(1), k=k, max_params=max_params,
-                                              max_flops=max_flops, family=family, rerank=rerank)
+                                              max_flops=max_flops, family=family, rerank=rerank, prior=prior,
+                                              prior_weight=weight)
         except UnsatisfiableConstraint as exc:
             return {"error": str(exc), "status": 422}
         except SpaceError as exc:
             return {"error": str(exc), "status": 400}
         return {"space_uri": space.uri, "space_run": space.run, "requested_k": result.requested_k,
                 "returned_k": result.returned_k, "note": result.note, "constraints": result.constraints,
-                "candidates": [vars(c) for c in result.candidates]}
+                "prior_weight": result.prior_weight, "candidates": [vars(c) for c in result.candidates]}
 
     def model(self, model_id: str, embedding: bool = False) -> dict:
         """{space_run, space_uri, model: the zoo row} or {missing_model}."""

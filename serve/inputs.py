@@ -73,7 +73,10 @@ class RetrieveRequest(BaseModel):
     max_params: int | None = Field(None, ge=0, description="only models with at most this many parameters")
     max_flops: int | None = Field(None, ge=0, description="only models with at most this many FLOPs")
     family: str | None = Field(None, description="only models of this supernet family")
-    rerank: bool = Field(True, description="re-rank the top-k by the predicted accuracy")
+    rerank: bool = Field(True, description="re-rank the top-k by the predicted accuracy (space-alone ranking only)")
+    prior_weight: float | None = Field(None, ge=0, le=100, description=(
+        "weight of the nearest-dataset prior: rank by z(predicted accuracy) + prior_weight * z(nearest-dataset "
+        "score), as `tans search` does; 0 = the space alone (cosine top-k, re-ranked); default: the service's"))
 
 
 class CandidateOut(BaseModel):
@@ -93,6 +96,9 @@ class RetrieveResponse(BaseModel):
     returned_k: int
     note: str
     constraints: dict
+    prior_weight: float = Field(0.0, description=(
+        "the weight the nearest-dataset prior was blended with; 0 when the ranking is the space's alone "
+        "(asked for, or no zoo task has a stored query)"))
     n_images: int
     n_classes: int
     resized: int = Field(description="images resized to the extractor's image size")
@@ -152,6 +158,8 @@ def parse_multipart_request(body: bytes, content_type: str) -> tuple[RetrieveReq
             raise ApiError(400, f"form field {name!r} is given {len(values)} times")
         elif name in ("k", "per_class", "seed", "max_params", "max_flops"):
             data[name] = _form_int(name, values[0])
+        elif name == "prior_weight":
+            data[name] = _form_float(name, values[0])
         elif name == "rerank":
             data[name] = values[0].strip().lower() in ("1", "true", "yes", "on")
         else:
@@ -167,6 +175,16 @@ def _form_int(name: str, text: str) -> int:
         return int(text.strip())
     except ValueError:
         raise ApiError(400, f"{name}: {text!r} is not an integer") from None
+
+
+def _form_float(name: str, text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ApiError(400, f"{name}: {text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ApiError(400, f"{name}: {text!r} is not a finite number")
+    return value
 
 
 def _form_labels(values: list[str]) -> list[int]:

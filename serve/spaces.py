@@ -143,7 +143,8 @@ class GivenEmbedding(nn.Module):
 
 @dataclass(frozen=True)
 class IndexSpace:
-    """What the Index needs of one space: a Retriever over its index whose query is an embedding."""
+    """What the Index needs of one space: a Retriever over its index whose query is an embedding,
+    holding the zoo tasks' mean query features (the nearest-dataset prior), read at load time."""
 
     uri: str
     run: str
@@ -156,5 +157,6 @@ def load_index_space(uri: str) -> IndexSpace:
     full = Retriever.load(uri)
     retriever = Retriever(full.model_ids, full.tasks, full.n_params, full.flops, full.families,
                           full.embeddings.numpy(), GivenEmbedding(), full.predictor, info=full.info,
-                          extractor_spec=full.extractor_spec, index_table=full.index_table)
+                          extractor_spec=full.extractor_spec, index_table=full.index_table,
+                          task_means=full.task_means)
     return IndexSpace(uri=uri, run=str(full.info["run"]), retriever=retriever)

@@ -38,13 +38,15 @@ def toy_zoo_table(prefix: str, n_tasks: int, per_task: int, seed: int) -> pa.Tab
 
 
 def make_toy_space(root: str, run: str, seed: int = 0, n_tasks: int = 3, per_task: int = 4, embed_dim: int = 8,
-                   set_latest: bool = True) -> str:
+                   set_latest: bool = True, queries: bool = True) -> str:
     """Write a finished random space ``<root>/spaces/<run>``; returns its URI.
 
     Its extractor is a seeded ``ofa_mbv3_tiny`` supernet saved in the space's folder (``toy-extractor.pt``).
-    Model ids are ``<run>-t<task>-m<model>``, so answers from different spaces never collide.
+    Model ids are ``<run>-t<task>-m<model>``, so answers from different spaces never collide. With
+    ``queries``, each zoo task gets a stored query: the extractor's features of toy images of its
+    own colours, so the nearest-dataset prior has task means to compare a request with.
     """
-    from tans.space.features import ExtractorSpec
+    from tans.space.features import ExtractorSpec, build_extractor, write_query
     from tans.space.store import finish_space, index_table, save_model_state, space_dir
     from tans.space.training import SpaceModel, ZooArrays, index_embeddings
     from tans.storage import Storage
@@ -65,8 +67,15 @@ def make_toy_space(root: str, run: str, seed: int = 0, n_tasks: int = 3, per_tas
     save_model_state(storage, run, model.state_dict())
     storage.write_parquet(f"{space_dir(run)}/index.parquet", index_table(table, emb))
     spec = ExtractorSpec(kind="supernet", uri=extractor_path, family=FAMILY, image_size=IMAGE_SIZE)
+    tasks = sorted(set(table.column("task").to_pylist()))
+    if queries:
+        extractor = build_extractor(spec)
+        for i, task in enumerate(tasks):
+            images, labels = toy_images(3, 4, seed=1000 * seed + i)
+            features = extractor(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))))
+            write_query(storage, spec.name, task, features.numpy(), labels)
     info = {"run": run, "zoo": f"toy-{FAMILY}-{IMAGE_SIZE}px", "family": FAMILY, "image_size": IMAGE_SIZE,
-            "feature_dim": family.penultimate_dim, "extractor": spec.to_dict(),
+            "feature_dim": family.penultimate_dim, "extractor": spec.to_dict(), "train_tasks": tasks if queries else [],
             "architecture": {"embed_dim": embed_dim, "hidden": 16, "attention": False, "predictor_hidden": 8}}
     finish_space(storage, run, info, set_latest=set_latest)
     return storage.uri_of(space_dir(run))

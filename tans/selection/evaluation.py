@@ -91,23 +91,6 @@ def pool_stats(pool: np.ndarray, tasks: np.ndarray, archs: list[tuple]) -> dict:
 # -- selectors that need no network -------------------------------------------------------------------
 
 
-def nearest_dataset_scores(target_mean: np.ndarray, task_means: dict[str, np.ndarray], ids: list[str],
-                           tasks: list[str], accuracy: list[float]) -> dict[str, float]:
-    """Nearest-dataset scores of pool models: zoo tasks ordered by the cosine between mean
-    extractor features, and within a task by the model's zoo accuracy.
-
-    The score is ``-rank_of_task + zoo_accuracy`` (accuracy in [0, 1] never crosses a task
-    boundary), so the pick is the most accurate model of the nearest task, as in ``tans search``.
-    A pool model whose task has no stored query ranks after every task that has one.
-    """
-    names = sorted(set(tasks) & set(task_means))
-    sims = {t: float(task_means[t] @ target_mean / (np.linalg.norm(task_means[t]) * np.linalg.norm(target_mean)
-                                                     + 1e-12)) for t in names}
-    rank = {t: r for r, t in enumerate(sorted(names, key=lambda t: -sims[t]))}
-    worst = len(names)
-    return {m: float(-rank.get(t, worst) + float(a)) for m, t, a in zip(ids, tasks, accuracy)}
-
-
 def size_scores(ids: list[str], n_params: list[int]) -> dict[str, float]:
     """Bigger is better: the prior a user without a selector falls back on."""
     return {m: float(n) for m, n in zip(ids, n_params)}

@@ -213,20 +213,6 @@ def pick_random(pool: np.ndarray, n: int, seed: int) -> list[int]:
     return [int(i) for i in rng.choice(pool, size=min(n, len(pool)), replace=False)]
 
 
-def zoo_task_means(space_root: Storage, info: dict) -> dict[str, np.ndarray]:
-    """Mean query feature of every zoo task of the space (``info``: its space.json) that has a
-    stored query: what :func:`pick_nearest_dataset` compares a target with."""
-    from tans.space.features import read_query
-
-    means = {}
-    for t in [*info.get("train_tasks", []), *info.get("val_tasks", [])]:
-        try:
-            means[t] = read_query(space_root, info["extractor"]["name"], t)[0].mean(axis=0)
-        except Exception:  # a task without a stored query is simply not a neighbour
-            continue
-    return means
-
-
 def pick_nearest_dataset(target_mean: np.ndarray, task_means: dict[str, np.ndarray], pool: np.ndarray,
                          tasks: np.ndarray, accuracy: np.ndarray) -> tuple[int, str, float]:
     """(row, zoo task, cosine) of the best pool model of the zoo task nearest to the target.
@@ -237,8 +223,9 @@ def pick_nearest_dataset(target_mean: np.ndarray, task_means: dict[str, np.ndarr
     names = [t for t in task_means if np.any(tasks[pool] == t)]
     if not names:
         raise SearchError("no zoo task with a query has a model that meets the constraints")
-    m = np.stack([task_means[t] for t in names])
-    sims = (m @ target_mean) / (np.linalg.norm(m, axis=1) * np.linalg.norm(target_mean) + 1e-12)
+    from tans.space.prior import task_cosines
+
+    sims = task_cosines(target_mean, task_means, names)
     best_task = names[int(np.argmax(sims))]
     rows = pool[tasks[pool] == best_task]
     return int(rows[np.argmax(accuracy[rows])]), best_task, float(np.max(sims))

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from tans.space.encoders import PerformancePredictor, QueryEncoder, SpaceError
+from tans.space.prior import DEFAULT_PRIOR_WEIGHT, row_prior, task_codes, zoo_task_means
+from tans.storage import Storage
 
 if TYPE_CHECKING:
     from tans.space.features import FeatureExtractor
@@ -116,6 +118,7 @@ class RetrievalResult:
     returned_k: int
     note: str = ""
     constraints: dict = field(default_factory=dict)
+    prior_weight: float = 0.0  # the weight the nearest-dataset prior was blended with (0: the space alone)
 
 
 class Retriever:
@@ -125,6 +128,8 @@ class Retriever:
     ``flops`` (ints), ``embeddings`` (N x D unit vectors from the ModelEncoder).
     ``query_encoder`` maps (features, labels) to a query embedding: a :class:`QueryEncoder`, or a
     stand-in module (the server passes one whose "features" are an already computed embedding).
+    ``task_means`` (zoo task -> mean query feature, :mod:`tans.space.prior`) is read from the
+    space's storage on first use when not given.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class Retriever:
         info: dict | None = None,
         extractor_spec=None,
         index_table=None,
+        task_means: dict[str, np.ndarray] | None = None,
     ):
         self.model_ids = np.asarray(model_ids, dtype=object)
         self.tasks = np.asarray(tasks, dtype=object)
@@ -159,6 +165,8 @@ class Retriever:
         self.extractor_spec = extractor_spec  # how queries are made from images (tans.space.features)
         self.index_table = index_table  # the index's Arrow table (zoo columns), when loaded
         self._extractor: FeatureExtractor | None = None
+        self._task_means = task_means
+        self._prior_rows: tuple[tuple[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     @classmethod
     def load(cls, space_uri: str | None = None) -> Retriever:
@@ -182,14 +190,41 @@ class Retriever:
         """uint8 images ``N x C x H x W`` -> query features with the space's extractor."""
         return self.extractor(torch.as_tensor(images))
 
-    def retrieve_images(self, images, labels, **kwargs) -> RetrievalResult:
-        """:meth:`retrieve` for raw images (uint8 ``N x C x H x W``) and their labels."""
+    @property
+    def task_means(self) -> dict[str, np.ndarray]:
+        """Mean query feature of every zoo task with a stored query, read once from the storage
+        root the space lives in ({} for a space built in memory, or one whose tasks have no query)."""
+        if self._task_means is None:
+            uri = str(self.info.get("uri", ""))
+            found = "/spaces/" in uri and "extractor" in self.info
+            self._task_means = zoo_task_means(Storage(uri[: uri.rindex("/spaces/")]), self.info) if found else {}
+        return self._task_means
+
+    def nearest_prior(self, query_features) -> np.ndarray | None:
+        """The nearest-dataset prior of every index row for a query's extractor features
+        (:func:`tans.space.prior.row_prior`); None when no zoo task has a stored query."""
+        features = torch.as_tensor(query_features, dtype=torch.float32)
+        if features.ndim != 2:
+            raise SpaceError(f"query features must be 2-D (n_images x feature_dim), got shape {tuple(features.shape)}")
+        if self._prior_rows is None:  # per index, once: the rows' task codes and zoo accuracies
+            accuracy = (self.index_table.column("accuracy").to_numpy() if self.index_table is not None
+                        and "accuracy" in self.index_table.column_names else np.zeros(len(self)))
+            self._prior_rows = (task_codes(self.tasks), np.asarray(accuracy, dtype=np.float64))
+        codes, accuracy = self._prior_rows
+        return row_prior(features.mean(0).numpy(), self.task_means, self.tasks, accuracy, codes=codes)
+
+    def retrieve_images(self, images, labels, prior_weight: float = DEFAULT_PRIOR_WEIGHT, **kwargs) -> RetrievalResult:
+        """:meth:`retrieve` for raw images (uint8 ``N x C x H x W``) and their labels, ranked as
+        ``tans search`` ranks: the predictor's score blended with the nearest-dataset prior at
+        ``prior_weight`` (0, or a space whose zoo tasks have no stored query: the space alone)."""
         labels = torch.as_tensor(labels)
         if labels.ndim != 1 or labels.shape[0] != len(images):
             raise SpaceError(f"{len(images)} images but {labels.numel()} labels")
         if torch.unique(labels).numel() < 2:
             raise SpaceError(f"a query needs at least 2 classes, got {torch.unique(labels).numel()}")
-        return self.retrieve(self.encode_images(images), labels, **kwargs)
+        features = self.encode_images(images)
+        prior = self.nearest_prior(features) if prior_weight > 0 else None
+        return self.retrieve(features, labels, prior=prior, prior_weight=prior_weight, **kwargs)
 
     def row_of(self, model_id: str) -> int | None:
         """Index row of ``model_id`` (None if it is not in the index)."""
@@ -234,10 +269,10 @@ class Retriever:
         """Encode the query, mask by the constraints, take the top-k by cosine, re-rank by predictor.
 
         ``rows`` (optional index rows) restricts the choice to those models, e.g. an evaluation
-        pool. ``prior`` (one score per index row, higher = better, e.g.
-        :func:`tans.selection.evaluation.nearest_dataset_scores`) with ``prior_weight`` > 0 ranks
-        instead by :func:`blend_with_prior` of the predictor's score and the prior, over the rows
-        that satisfy everything; that blend replaces the cosine top-k and the re-ranking. Raises
+        pool. ``prior`` (one score per index row, higher = better, e.g. :meth:`nearest_prior`) with
+        ``prior_weight`` > 0 ranks instead by :func:`blend_with_prior` of the predictor's score and
+        the prior, over the rows that satisfy everything; that blend replaces the cosine top-k and
+        the re-ranking. Raises
         SpaceError for k <= 0 or a bad query, UnsatisfiableConstraint if no model fits.
         """
         if k <= 0:
@@ -258,7 +293,8 @@ class Retriever:
             )
         q = self.query_encoder(torch.as_tensor(query_features), torch.as_tensor(query_labels))
         mask_t = torch.from_numpy(mask)
-        if prior is not None and prior_weight > 0:
+        blended = prior is not None and prior_weight > 0
+        if blended:
             # the predictor's score of every row, not the cosine: chosen on validation (README "Evaluation")
             predicted = self.predictor(q[None], self.embeddings).reshape(-1)
             ranking = blend_with_prior(predicted, prior, prior_weight, mask_t).masked_fill(~mask_t, float("-inf"))
@@ -286,4 +322,4 @@ class Retriever:
             note = (f"asked for {k} models but only {len(candidates)} of {len(self)} satisfy the constraints; "
                     "returning those")
         return RetrievalResult(candidates, requested_k=k, returned_k=len(candidates), note=note,
-                               constraints=constraints)
+                               constraints=constraints, prior_weight=float(prior_weight) if blended else 0.0)

@@ -206,8 +206,7 @@ def test_bad_input_is_one_line_and_writes_no_search(tiny_space, args, needle):
 def test_the_nearest_dataset_prior_ranks_the_querys_own_zoo_task_first(searched):
     """The prior that `prior_weight` blends into retrieval: a zoo task's own stored query finds
     that task nearest, so its models score highest, the most accurate of them first."""
-    from jobs.search import _nearest_prior, _space_root
-    from tans.selection.search import zoo_task_means
+    from jobs.search import _space_root
     from tans.space.features import read_query
     from tans.space.retrieval import Retriever
 
@@ -215,7 +214,7 @@ def test_the_nearest_dataset_prior_ranks_the_querys_own_zoo_task_first(searched)
     retriever = Retriever.load(str(root / "spaces" / "tiny"))
     task = retriever.info["train_tasks"][0]
     qx, _ = read_query(_space_root(retriever), retriever.info["extractor"]["name"], task)
-    prior = _nearest_prior(retriever, qx, zoo_task_means(_space_root(retriever), retriever.info))
+    prior = retriever.nearest_prior(qx)
     assert prior is not None and prior.shape == (len(retriever),)
     own = np.flatnonzero(retriever.tasks == task)
     others = np.flatnonzero(retriever.tasks != task)

@@ -115,6 +115,14 @@ def _png(size=(16, 16), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
+def test_the_service_ranks_with_the_prior_weight_tans_search_uses_by_default():
+    from serve.args import AppArgs
+    from tans.job_configs import SearchConfig
+    from tans.space.prior import DEFAULT_PRIOR_WEIGHT
+
+    assert AppArgs().prior_weight == SearchConfig().prior_weight == DEFAULT_PRIOR_WEIGHT > 0
+
+
 def test_image_decoding_rules():
     assert decode_image(_png(), 0, 64).shape == (3, 16, 16)
     assert decode_image(_png(mode="L"), 0, 64).shape == (3, 16, 16)  # grey -> RGB
@@ -139,11 +147,11 @@ def test_multipart_parsing_keeps_binary_parts_intact():
         "POST",
         "http://127.0.0.1/",
         files=[("images", ("a.png", png, "image/png")), ("images", ("b.png", png + b"\r\n--x", "image/png"))],
-        data={"labels": ["0", "1"], "k": "3", "family": "ofa_mbv3_tiny"},
+        data={"labels": ["0", "1"], "k": "3", "family": "ofa_mbv3_tiny", "prior_weight": "0.5"},
     ).prepare()
     req, files = parse_multipart_request(prepared.body, prepared.headers["Content-Type"])
     assert files == [png, png + b"\r\n--x"]
-    assert req.labels == [0, 1] and req.k == 3 and req.family == "ofa_mbv3_tiny"
+    assert req.labels == [0, 1] and req.k == 3 and req.family == "ofa_mbv3_tiny" and req.prior_weight == 0.5
     with pytest.raises(ApiError, match="boundary"):
         parse_multipart_request(b"", "multipart/form-data")
 

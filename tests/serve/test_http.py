@@ -61,12 +61,15 @@ def test_retrieval_equals_the_library_for_json_multipart_and_dataset(serve_url, 
     out = r.json()
     assert out["space_run"] == "runA" and out["n_images"] == 12 and out["n_classes"] == 3 and out["resized"] == 0
     assert_same(out, library_answer(serve_root, "runA"))
+    # ranked as `tans search` ranks: the nearest-dataset prior blended in at the service's default
+    assert out["prior_weight"] == 1.0
 
-    # constraints and no re-rank, same as the library
-    lib = library_answer(serve_root, "runA", k=20, max_params=600_000, rerank=False)
-    r = post(serve_url, json=good_body(k=20, max_params=600_000, rerank=False))
+    # constraints, the space alone and no re-rank, same as the library
+    lib = library_answer(serve_root, "runA", k=20, max_params=600_000, rerank=False, prior_weight=0)
+    r = post(serve_url, json=good_body(k=20, max_params=600_000, rerank=False, prior_weight=0))
     assert r.status_code == 200, r.text
     assert_same(r.json(), lib)
+    assert r.json()["prior_weight"] == 0.0
     assert r.json()["constraints"]["max_params"] == 600_000 and "only" in r.json()["note"]
 
     # the same query as a multipart upload
@@ -74,6 +77,10 @@ def test_retrieval_equals_the_library_for_json_multipart_and_dataset(serve_url, 
     r = post(serve_url, files=files, data={"labels": ",".join(map(str, LABELS)), "k": "5"})
     assert r.status_code == 200, r.text
     assert_same(r.json(), library_answer(serve_root, "runA"))
+    r = post(serve_url, files=files, data={"labels": ",".join(map(str, LABELS)), "k": "12", "prior_weight": "3"})
+    assert r.status_code == 200, r.text
+    assert_same(r.json(), library_answer(serve_root, "runA", k=12, prior_weight=3.0))
+    assert r.json()["prior_weight"] == 3.0
 
     # a dataset in the storage root (by name and by full URI): a seeded sample per class
     from serve.inputs import dataset_query
@@ -148,6 +155,10 @@ def _bad_cases(root) -> list[tuple[str, dict, int, str]]:
         ("k absurd", {"json": good_body(k=10**6)}, 400, "max_k"),
         ("negative max_params", {"json": good_body(max_params=-1)}, 400, "max_params"),
         ("negative max_flops", {"json": good_body(max_flops=-5)}, 400, "max_flops"),
+        ("negative prior_weight", {"json": good_body(prior_weight=-1)}, 400, "prior_weight"),
+        ("prior_weight a string", {"json": good_body(prior_weight="1")}, 400, "prior_weight"),
+        ("prior_weight not a number (form)", {"files": [("images", ("a.png", encode_png(IMAGES[0]), "image/png"))],
+                                              "data": {"labels": "0", "prior_weight": "nan"}}, 400, "prior_weight"),
         ("unsatisfiable", {"json": good_body(max_params=10)}, 422, smallest),
         ("unknown family", {"json": good_body(family="resnet")}, 422, smallest),
         ("images and dataset", {"json": good_body(dataset="toytask")}, 400, "not both"),

@@ -9,7 +9,6 @@ from tans.selection.evaluation import (
     METHODS,
     evaluation_markdown,
     excluded_tasks,
-    nearest_dataset_scores,
     pool_stats,
     random_scores,
     sample_pool,
@@ -17,6 +16,7 @@ from tans.selection.evaluation import (
     source_key,
     tans_search_pick,
 )
+from tans.space.prior import nearest_dataset_scores
 
 
 def test_source_key_and_exclusion_of_the_targets_own_source():
@@ -69,6 +69,10 @@ def test_nearest_dataset_orders_tasks_by_cosine_then_zoo_accuracy():
     scores = nearest_dataset_scores(np.array([1.0, 0.0]), means, ids, ["near", "near", "far", "noquery"],
                                     [0.2, 0.9, 0.99, 1.0])
     assert sorted(ids, key=lambda i: -scores[i]) == ["n2", "n1", "f1", "q1"]
+    # only directions count: features of a tiny scale (an untrained extractor's) order tasks alike
+    tiny = nearest_dataset_scores(np.array([1e-9, 0.0]), {t: 1e-9 * m for t, m in means.items()}, ids,
+                                  ["near", "near", "far", "noquery"], [0.2, 0.9, 0.99, 1.0])
+    assert tiny == scores
 
 
 def test_size_random_and_the_search_pick():
@@ -101,3 +105,20 @@ def test_markdown_puts_the_summary_table_first():
     assert "| `tans_similarity` | 1.000" in table and "| `logme` |" in table
     assert "| t | 90.0 |" in md  # best in pool, per task
     assert set(summary) <= set(METHODS)
+
+
+def test_the_row_prior_is_the_nearest_dataset_score_of_every_row():
+    """tans.space.prior.row_prior (vectorised, what retrieval blends in) equals nearest_dataset_scores."""
+    from tans.space.prior import row_prior, task_codes
+
+    rng = np.random.default_rng(3)
+    means = {f"t{i}": rng.normal(size=6) for i in range(5)}
+    tasks = [f"t{i}" for i in rng.integers(0, 7, 200)]  # t5, t6: no stored query
+    accuracy = rng.uniform(0, 1, 200)
+    target = rng.normal(size=6)
+    ids = [str(i) for i in range(200)]
+    expected = nearest_dataset_scores(target, means, ids, tasks, accuracy)
+    got = row_prior(target, means, tasks, accuracy)
+    assert got.tolist() == pytest.approx([expected[i] for i in ids])
+    assert row_prior(target, means, tasks, accuracy, codes=task_codes(tasks)).tolist() == got.tolist()
+    assert row_prior(target, {}, tasks, accuracy) is None

@@ -154,3 +154,41 @@ def test_retrieval_blended_with_a_prior_ranks_by_the_standardised_sum_with_the_p
     assert r.retrieve(x, y, k=6, max_params=limit, prior=prior, prior_weight=0.0) == plain
     with pytest.raises(SpaceError, match="prior has"):
         r.retrieve(x, y, k=6, prior=prior[:-1], prior_weight=1.0)
+
+
+@pytest.mark.timeout(120)
+def test_retrieve_images_blends_the_nearest_dataset_prior_of_the_stored_zoo_queries(tmp_path):
+    """What `tans search` and the service rank by, from images: the zoo tasks' stored queries give
+    the prior (the query's own task first), blended with the predictor at the default weight 1."""
+    from serve.toy import make_toy_space, toy_images
+
+    r = Retriever.load(make_toy_space(str(tmp_path), "run", seed=0, n_tasks=3, per_task=4))
+    assert sorted(r.task_means) == ["run_task0", "run_task1", "run_task2"]
+    images, labels = toy_images(3, 4, seed=1)  # the images of run_task1's stored query
+    x = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    features = r.encode_images(x)
+    prior = r.nearest_prior(features)
+    own = r.tasks == "run_task1"
+    assert prior[own].min() > prior[~own].max()
+    accuracy = r.index_table.column("accuracy").to_numpy()
+    assert int(np.argmax(prior)) == int(np.flatnonzero(own)[np.argmax(accuracy[own])])
+
+    _, predicted = r.score_rows(features, torch.as_tensor(labels), np.arange(len(r)))
+
+    def z(v):
+        return (v - v.mean()) / v.std()
+
+    blended = r.retrieve_images(x, labels, k=len(r))
+    assert blended.prior_weight == 1.0
+    brute = sorted(range(len(r)), key=lambda i: -(z(predicted)[i] + z(prior)[i]))
+    assert [c.model_id for c in blended.candidates] == [str(r.model_ids[i]) for i in brute]
+    alone = r.retrieve_images(x, labels, k=5, prior_weight=0)
+    assert alone.prior_weight == 0.0 and alone == r.retrieve(features, torch.as_tensor(labels), k=5)
+    with pytest.raises(SpaceError, match="2-D"):
+        r.nearest_prior(features[0])
+
+    # a space whose zoo tasks have no stored query has no prior: the space alone, and it says so
+    bare = Retriever.load(make_toy_space(str(tmp_path), "bare", seed=0, set_latest=False, queries=False))
+    assert bare.task_means == {} and bare.nearest_prior(features) is None
+    res = bare.retrieve_images(x, labels, k=5)
+    assert res.prior_weight == 0.0 and res == bare.retrieve(features, torch.as_tensor(labels), k=5)
