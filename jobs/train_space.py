@@ -45,22 +45,15 @@ def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: lis
     from tans.zoo.store import read_zoo
 
     storage = Storage(root)
-    zoo_all = ZooArrays.from_table(read_zoo(storage, zoo))
     queries = {t: read_query(storage, extractor, t) for t in [*train, *val]}
+    # every row carries its task's mean query feature (used only by a task-features space)
+    zoo_all = ZooArrays.from_table(read_zoo(storage, zoo)).with_task_features(queries)
     return zoo_all, queries
 
 
 def _train_subset(zoo_all, tasks: list[str]):
     """The zoo rows of ``tasks`` only: what the training loop may see."""
-    import torch
-
-    from tans.space.training import ZooArrays
-
-    rows = zoo_all.rows_of(tasks)
-    r = torch.from_numpy(rows)
-    return ZooArrays(zoo_all.model_ids[rows], zoo_all.tasks[rows], zoo_all.families[rows], zoo_all.ks[r],
-                     zoo_all.e[r], zoo_all.d[r], zoo_all.f_emb[r], zoo_all.accuracy[r], zoo_all.n_params[rows],
-                     zoo_all.flops[rows])
+    return zoo_all.subset(zoo_all.rows_of(tasks))
 
 
 def train_loop(config: dict) -> None:
@@ -311,7 +304,8 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
         "extractor": spec.to_dict(), "feature_dim": feature_dim, "splits": cfg.splits,
         "splits_hash": splits.digest(), "zoo_splits_hash": manifest.splits_hash, "train_tasks": train,
         "val_tasks": val, "architecture": {"embed_dim": cfg.embed_dim, "hidden": cfg.hidden,
-                                           "attention": cfg.attention, "predictor_hidden": cfg.predictor_hidden},
+                                           "attention": cfg.attention, "predictor_hidden": cfg.predictor_hidden,
+                                           "task_features": cfg.task_features},
     }
     files, out_dir = _files_for_run(cfg, storage, finished)
     info["files"] = files
@@ -351,12 +345,14 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
         with result.checkpoint.as_directory() as d, open(os.path.join(d, "state.json")) as f:
             history = json.load(f)["history"]
 
-    model = SpaceModel(family, feature_dim, cfg.embed_dim, cfg.hidden, cfg.attention, cfg.predictor_hidden)
+    model = SpaceModel(family, feature_dim, cfg.embed_dim, cfg.hidden, cfg.attention, cfg.predictor_hidden,
+                       cfg.task_features)
     model.load_state_dict(state_dict)
     model.eval()
     zoo_table = read_zoo(storage, cfg.zoo)
-    zoo_all = ZooArrays.from_table(zoo_table)
-    queries = {t: read_query(storage, spec.name, t) for t in val}
+    queries = {t: read_query(storage, spec.name, t) for t in train + val}
+    zoo_all = ZooArrays.from_table(zoo_table).with_task_features(queries)
+    queries = {t: queries[t] for t in val}
     val_metrics = evaluate_space(model, zoo_all, queries)  # the chosen checkpoint, recomputed here
     embeddings = index_embeddings(model, zoo_all)
 

@@ -221,6 +221,10 @@ class SpaceConfig:
     hidden: int = 256
     attention: bool = False  # attention pooling over classes on top of the mean
     predictor_hidden: int = 128
+    # the model encoder also reads the mean query feature of each model's zoo task (what it was
+    # trained on), so the space can relate a new dataset to the models' data; chosen on meta_val plus
+    # held-out sources (README "Evaluation"). Spaces trained before the option load without it.
+    task_features: bool = True
     steps: int = 600
     tasks_per_step: int = 0  # meta_train tasks per step; 0: all of them
     per_class: int = 10  # images per class in each step's fresh query subsample
@@ -272,8 +276,8 @@ class SearchConfig:
     nearest_candidate: bool = True
     # > 0: retrieval ranks by z(predicted accuracy) + prior_weight * z(nearest-dataset score) over the
     # models that meet the constraints (tans.space.retrieval.blend_with_prior) instead of similarity
-    # top-k + re-rank; 0: the space alone. 1.0 chosen on meta_val plus held-out sources (README).
-    prior_weight: float = 1.0
+    # top-k + re-rank; 0: the space alone. 0.5 chosen on meta_val plus held-out sources (README).
+    prior_weight: float = 0.5
     epochs: int = 3
     seeds: int = 1  # every fine-tune repeats with seeds seed..seed+seeds-1 (mean ± std)
     lrs: list[float] = field(default_factory=lambda: [0.02])  # grid: model and lr chosen together

@@ -142,12 +142,15 @@ def _lookup(choices: Sequence[int]) -> torch.Tensor:
 
 
 class ModelEncoder(nn.Module):
-    """(ks[], e[], d[], f_emb) -> unit vector of size ``embed_dim``.
+    """(ks[], e[], d[], f_emb[, task_feat]) -> unit vector of size ``embed_dim``.
 
     ``family`` is a SupernetFamily or a tuple ``(ks_choices, e_choices, d_choices, f_emb_dim)``.
     Architecture values are mapped to (0, 1] by their rank among the family's choices (0 marks an
     unused block slot, ks = e = 0); ``f_emb`` is layer-normalised (its scale depends on the
     task's data; the pattern across units is what carries the function) and concatenated before the MLP.
+    With ``task_dim`` > 0 the model also carries what it was trained on: ``task_feat``, the mean
+    query feature of its zoo task (``task_dim`` = the query feature size), layer-normalised too, so
+    the space can relate a query to the models' training data rather than memorise task identities.
     """
 
     # Buffers (registered in __init__), declared for the type checker.
@@ -155,10 +158,11 @@ class ModelEncoder(nn.Module):
     e_table: torch.Tensor
     d_table: torch.Tensor
 
-    def __init__(self, family, embed_dim: int = 128, hidden: int = 256):
+    def __init__(self, family, embed_dim: int = 128, hidden: int = 256, task_dim: int = 0):
         super().__init__()
         self.ks_choices, self.e_choices, self.d_choices, self.f_emb_dim = _choices(family)
         self.embed_dim = int(embed_dim)
+        self.task_dim = int(task_dim)
         self.register_buffer("ks_table", _lookup(self.ks_choices), persistent=False)
         self.register_buffer("e_table", _lookup(self.e_choices), persistent=False)
         self.register_buffer("d_table", _lookup(self.d_choices), persistent=False)
@@ -167,7 +171,9 @@ class ModelEncoder(nn.Module):
         # 20 long and d is 5; a family with a smaller max depth just never fills the last slots.
         self._d_len = N_STAGES
         self._ks_len = N_STAGES * SLOTS_PER_STAGE
-        self.mlp = _mlp(2 * self._ks_len + self._d_len + self.f_emb_dim, hidden, self.embed_dim)
+        if self.task_dim:
+            self.task_norm = nn.LayerNorm(self.task_dim, elementwise_affine=False)
+        self.mlp = _mlp(2 * self._ks_len + self._d_len + self.f_emb_dim + self.task_dim, hidden, self.embed_dim)
 
     def arch_features(self, ks: torch.Tensor, e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """Integer ks (B x 20), e (B x 20), d (B x 5) -> B x 45 values in [0, 1]."""
@@ -181,15 +187,29 @@ class ModelEncoder(nn.Module):
             return table[v.clamp(0, table.numel() - 1)] * (v < table.numel())
         return torch.cat([look(self.ks_table, ks), look(self.e_table, e), look(self.d_table, d)], dim=-1)
 
-    def forward(self, ks: torch.Tensor, e: torch.Tensor, d: torch.Tensor, f_emb: torch.Tensor) -> torch.Tensor:
-        """Batched zoo rows -> B x embed_dim unit vectors (a single row may be passed without batch dim)."""
+    def forward(self, ks: torch.Tensor, e: torch.Tensor, d: torch.Tensor, f_emb: torch.Tensor,
+                task_feat: torch.Tensor | None = None) -> torch.Tensor:
+        """Batched zoo rows -> B x embed_dim unit vectors (a single row may be passed without batch dim).
+
+        ``task_feat`` (B x task_dim) is required exactly when the encoder has a ``task_dim``.
+        """
         f_emb = torch.as_tensor(f_emb, dtype=torch.float32, device=self.ks_table.device)
         single = f_emb.ndim == 1
+        if (task_feat is None) != (self.task_dim == 0):
+            raise SpaceError(f"this model encoder takes {'no ' if not self.task_dim else ''}task features "
+                             f"(task_dim={self.task_dim}), got {'none' if task_feat is None else 'some'}")
         if single:
             ks, e, d, f_emb = (torch.as_tensor(t)[None] for t in (ks, e, d, f_emb))
+            task_feat = None if task_feat is None else torch.as_tensor(task_feat)[None]
         if f_emb.shape[-1] != self.f_emb_dim:
             raise SpaceError(f"f_emb size {f_emb.shape[-1]} differs from the encoder's {self.f_emb_dim}")
-        x = torch.cat([self.arch_features(ks, e, d), self.f_norm(f_emb)], dim=-1)
+        parts = [self.arch_features(ks, e, d), self.f_norm(f_emb)]
+        if task_feat is not None:
+            task_feat = torch.as_tensor(task_feat, dtype=torch.float32, device=self.ks_table.device)
+            if task_feat.shape[-1] != self.task_dim:
+                raise SpaceError(f"task feature size {task_feat.shape[-1]} differs from the encoder's {self.task_dim}")
+            parts.append(self.task_norm(task_feat))
+        x = torch.cat(parts, dim=-1)
         z = F.normalize(self.mlp(x), dim=-1)
         return z[0] if single else z
 

@@ -15,9 +15,10 @@ import numpy as np
 
 from tans.storage import Storage
 
-# z(predicted accuracy) + 1.0 * z(prior): the weight chosen on meta_val and held-out meta_train
-# sources over 3 space seeds (README "Evaluation"); 0 ranks by the space alone.
-DEFAULT_PRIOR_WEIGHT = 1.0
+# z(predicted accuracy) + 0.5 * z(prior): the weight chosen, with the task-features space, on
+# meta_val and held-out meta_train sources over 3 space seeds (README "Evaluation"); 0 ranks by
+# the space alone.
+DEFAULT_PRIOR_WEIGHT = 0.5
 
 
 def zoo_task_means(space_root: Storage, info: dict) -> dict[str, np.ndarray]:

@@ -184,7 +184,7 @@ def build_space_model(info: dict):
 
     arch = info["architecture"]
     return SpaceModel(get_family(info["family"]), info["feature_dim"], arch["embed_dim"], arch["hidden"],
-                      arch["attention"], arch["predictor_hidden"])
+                      arch["attention"], arch["predictor_hidden"], arch.get("task_features", False))
 
 
 def load_space_model(storage: Storage, run: str, info: dict):

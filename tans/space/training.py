@@ -12,7 +12,7 @@ batch's tasks paired with that task's query.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import numpy as np
@@ -39,9 +39,28 @@ class ZooArrays:
     accuracy: torch.Tensor
     n_params: np.ndarray
     flops: np.ndarray
+    # N x feature_dim: the mean query feature of each row's zoo task (zeros for a task without a
+    # stored query); only for a space whose model encoder takes task features
+    task_feat: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.model_ids)
+
+    def with_task_features(self, queries: dict[str, tuple[np.ndarray, np.ndarray]]) -> ZooArrays:
+        """A copy whose ``task_feat`` holds each row's task's mean query feature (``queries``:
+        task -> (features, labels), e.g. :func:`tans.space.features.read_query` of every task)."""
+        dim = next(iter(queries.values()))[0].shape[1]
+        means = {t: torch.as_tensor(x.mean(axis=0), dtype=torch.float32) for t, (x, _) in queries.items()}
+        zero = torch.zeros(dim)
+        feat = torch.stack([means.get(t, zero) for t in self.tasks]) if len(self) else torch.zeros(0, dim)
+        return replace(self, task_feat=feat)
+
+    def subset(self, rows: np.ndarray) -> ZooArrays:
+        """The arrays of ``rows`` only."""
+        r = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        return ZooArrays(self.model_ids[rows], self.tasks[rows], self.families[rows], self.ks[r], self.e[r],
+                         self.d[r], self.f_emb[r], self.accuracy[r], self.n_params[rows], self.flops[rows],
+                         None if self.task_feat is None else self.task_feat[r])
 
     @classmethod
     def from_table(cls, table: pa.Table) -> ZooArrays:
@@ -67,16 +86,16 @@ class SpaceModel(nn.Module):
     """The three networks as one module, so DDP sees one forward and one state dict."""
 
     def __init__(self, family, feature_dim: int, embed_dim: int = 128, hidden: int = 256,
-                 attention: bool = False, predictor_hidden: int = 128):
+                 attention: bool = False, predictor_hidden: int = 128, task_features: bool = False):
         super().__init__()
         self.query_encoder = QueryEncoder(feature_dim, embed_dim, hidden, attention)
-        self.model_encoder = ModelEncoder(family, embed_dim, hidden)
+        self.model_encoder = ModelEncoder(family, embed_dim, hidden, task_dim=feature_dim if task_features else 0)
         self.predictor = PerformancePredictor(embed_dim, predictor_hidden)
 
-    def forward(self, means, mask, ks, e, d, f_emb, query_of_row):
+    def forward(self, means, mask, ks, e, d, f_emb, query_of_row, task_feat=None):
         """Padded class means (B x C x F) + zoo rows -> (query emb B x D, model emb R x D, predicted R)."""
         q = self.query_encoder.encode_means(means, mask)
-        m = self.model_encoder(ks, e, d, f_emb)
+        m = self.model_encoder(ks, e, d, f_emb, task_feat)
         return q, m, self.predictor(q[query_of_row], m)
 
 
@@ -133,14 +152,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArray
     weaker = torch.ones(len(rows), dtype=torch.bool)
     weaker[best_t] = False
     r = torch.from_numpy(rows)
+    task_feat = _task_feat(inner, zoo, r)
     q, m, pred = model(means.to(device), mask.to(device), zoo.ks[r].to(device), zoo.e[r].to(device),
-                       zoo.d[r].to(device), zoo.f_emb[r].to(device), query_of_row.to(device))
+                       zoo.d[r].to(device), zoo.f_emb[r].to(device), query_of_row.to(device),
+                       None if task_feat is None else task_feat.to(device))
     loss, parts = space_loss(q, m[best_t.to(device)], pred, acc.to(device), lam=lam, margin=margin,
                              extra_negatives=m[weaker.to(device)])
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
     return parts
+
+
+def _task_feat(inner: SpaceModel, zoo: ZooArrays, rows) -> torch.Tensor | None:
+    """The rows' task features when the model encoder takes them (else None)."""
+    if not inner.model_encoder.task_dim:
+        return None
+    if zoo.task_feat is None:
+        raise SpaceError("this space's model encoder takes task features: build the zoo arrays with "
+                         "ZooArrays.with_task_features(queries)")
+    return zoo.task_feat[rows]
 
 
 @torch.no_grad()
@@ -154,8 +185,10 @@ def index_embeddings(model: nn.Module, zoo: ZooArrays, batch: int = 4096) -> tor
     out = []
     for s in range(0, len(zoo), batch):
         sl = slice(s, s + batch)
+        task_feat = _task_feat(inner, zoo, sl)
         out.append(
-            enc(zoo.ks[sl].to(device), zoo.e[sl].to(device), zoo.d[sl].to(device), zoo.f_emb[sl].to(device)).cpu()
+            enc(zoo.ks[sl].to(device), zoo.e[sl].to(device), zoo.d[sl].to(device), zoo.f_emb[sl].to(device),
+                None if task_feat is None else task_feat.to(device)).cpu()
         )
     enc.train(was)
     return torch.cat(out)

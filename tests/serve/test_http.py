@@ -16,6 +16,7 @@ from PIL import Image
 from serve.deploy import apply_config
 from serve.toy import toy_images
 from tans.data.tasks import encode_png
+from tans.space.prior import DEFAULT_PRIOR_WEIGHT
 from tests.serve.conftest import LIMITS, app_config
 
 pytestmark = pytest.mark.timeout(420)  # the first test also starts Ray and Serve (minutes on a busy 2-core machine)
@@ -62,7 +63,7 @@ def test_retrieval_equals_the_library_for_json_multipart_and_dataset(serve_url, 
     assert out["space_run"] == "runA" and out["n_images"] == 12 and out["n_classes"] == 3 and out["resized"] == 0
     assert_same(out, library_answer(serve_root, "runA"))
     # ranked as `tans search` ranks: the nearest-dataset prior blended in at the service's default
-    assert out["prior_weight"] == 1.0
+    assert out["prior_weight"] == DEFAULT_PRIOR_WEIGHT
 
     # constraints, the space alone and no re-rank, same as the library
     lib = library_answer(serve_root, "runA", k=20, max_params=600_000, rerank=False, prior_weight=0)

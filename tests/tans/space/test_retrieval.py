@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tans.space.encoders import ModelEncoder, PerformancePredictor, QueryEncoder, SpaceError
+from tans.space.prior import DEFAULT_PRIOR_WEIGHT
 from tans.space.retrieval import Retriever, UnsatisfiableConstraint, constraint_mask, topk_cosine
 
 FAMILIES = np.array(["tiny", "w1.0", "w1.2"])
@@ -159,7 +160,7 @@ def test_retrieval_blended_with_a_prior_ranks_by_the_standardised_sum_with_the_p
 @pytest.mark.timeout(120)
 def test_retrieve_images_blends_the_nearest_dataset_prior_of_the_stored_zoo_queries(tmp_path):
     """What `tans search` and the service rank by, from images: the zoo tasks' stored queries give
-    the prior (the query's own task first), blended with the predictor at the default weight 1."""
+    the prior (the query's own task first), blended with the predictor at the default weight."""
     from serve.toy import make_toy_space, toy_images
 
     r = Retriever.load(make_toy_space(str(tmp_path), "run", seed=0, n_tasks=3, per_task=4))
@@ -179,8 +180,8 @@ def test_retrieve_images_blends_the_nearest_dataset_prior_of_the_stored_zoo_quer
         return (v - v.mean()) / v.std()
 
     blended = r.retrieve_images(x, labels, k=len(r))
-    assert blended.prior_weight == 1.0
-    brute = sorted(range(len(r)), key=lambda i: -(z(predicted)[i] + z(prior)[i]))
+    assert blended.prior_weight == DEFAULT_PRIOR_WEIGHT
+    brute = sorted(range(len(r)), key=lambda i: -(z(predicted)[i] + DEFAULT_PRIOR_WEIGHT * z(prior)[i]))
     assert [c.model_id for c in blended.candidates] == [str(r.model_ids[i]) for i in brute]
     alone = r.retrieve_images(x, labels, k=5, prior_weight=0)
     assert alone.prior_weight == 0.0 and alone == r.retrieve(features, torch.as_tensor(labels), k=5)
