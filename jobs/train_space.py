@@ -262,6 +262,10 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
             raise ZooError(f"space {cfg.name!r} was trained on zoo {info.get('zoo')!r}, not {cfg.zoo!r}: "
                            "pick another name or use --force")
         print(f"[space] reusing the finished space {storage.uri_of(run_dir)}")
+        differs = _architecture_changes(info.get("architecture", {}), cfg)
+        if differs:
+            print(f"[space] note: it was trained with {', '.join(differs)}, not as this config says; "
+                  "--force retrains it", flush=True)
         metrics_rel = f"{files_dir(cfg.name, info.get('files', ''))}/metrics.json"
         print(format_table(storage.read_json(metrics_rel)["val"]))
         return storage.uri_of(run_dir)
@@ -273,6 +277,20 @@ def train_space(cfg: SpaceConfig, storage: Storage) -> str:
         if now_finished and not cfg.force:  # another writer finished it just before us: reuse it
             return train_space(cfg, storage)
         return _train_new(cfg, storage, now_finished, lease)
+
+
+def _architecture(cfg: SpaceConfig) -> dict:
+    """The network sizes and options space.json records (and build_space_model reads back)."""
+    return {"embed_dim": cfg.embed_dim, "hidden": cfg.hidden, "attention": cfg.attention,
+            "predictor_hidden": cfg.predictor_hidden, "task_features": cfg.task_features}
+
+
+def _architecture_changes(stored: dict, cfg: SpaceConfig) -> list[str]:
+    """``key=stored value`` for every architecture setting a finished space differs in from ``cfg``
+    (a space from before an option existed was trained without it)."""
+    wanted = _architecture(cfg)
+    return [f"{k}={stored.get(k, False if k == 'task_features' else None)}" for k, v in wanted.items()
+            if stored.get(k, False if k == "task_features" else None) != v]
 
 
 def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str:
@@ -303,9 +321,7 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
         "run": cfg.name, "zoo": cfg.zoo, "family": manifest.family, "image_size": manifest.image_size,
         "extractor": spec.to_dict(), "feature_dim": feature_dim, "splits": cfg.splits,
         "splits_hash": splits.digest(), "zoo_splits_hash": manifest.splits_hash, "train_tasks": train,
-        "val_tasks": val, "architecture": {"embed_dim": cfg.embed_dim, "hidden": cfg.hidden,
-                                           "attention": cfg.attention, "predictor_hidden": cfg.predictor_hidden,
-                                           "task_features": cfg.task_features},
+        "val_tasks": val, "architecture": _architecture(cfg),
     }
     files, out_dir = _files_for_run(cfg, storage, finished)
     info["files"] = files

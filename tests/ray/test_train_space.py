@@ -94,6 +94,11 @@ def test_rerun_reuses_and_bad_input_is_one_line(tiny_space, tmp_path):
     root, _ = tiny_space
     again = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), timeout=300)
     assert again.returncode == 0 and "reusing the finished space" in again.stdout, again.stderr[-2000:]
+    assert "note:" not in again.stdout
+    # a finished space reused under another architecture setting says so (and how to retrain)
+    other = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), "task_features=false",
+                    timeout=300)
+    assert other.returncode == 0 and "note: it was trained with task_features=True" in other.stdout, other.stdout
 
     cases = [
         (["zoo=no-such-zoo", "name=bad1"], 1, "no-such-zoo"),

@@ -90,3 +90,14 @@ def _toy_table():
     from serve.toy import toy_zoo_table
 
     return toy_zoo_table("z", 2, 2, seed=1)
+
+
+def test_a_reused_space_trained_with_other_architecture_settings_is_named():
+    from jobs.train_space import _architecture, _architecture_changes
+    from tans.job_configs import SpaceConfig
+
+    cfg = SpaceConfig()
+    assert _architecture_changes(_architecture(cfg), cfg) == []
+    before_the_option = {k: v for k, v in _architecture(cfg).items() if k != "task_features"}
+    assert _architecture_changes(before_the_option, cfg) == ["task_features=False"]
+    assert _architecture_changes({**_architecture(cfg), "embed_dim": 64}, cfg) == ["embed_dim=64"]
