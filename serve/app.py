@@ -3,7 +3,11 @@
 Three deployments, composed with ``.bind()``::
 
     Ingress (FastAPI, HTTP API, limits, auth) --handle--> Encoder (extractor + query encoder, @serve.batch)
-                                              --handle--> Index   (constraint mask, top-k, predictor re-rank)
+                                              --handle--> Index   (constraint mask, ranking, top-k)
+
+The Index ranks as ``tans search`` does: the predictor's score blended with the nearest-dataset
+prior (the query's mean feature, from the Encoder, against the zoo tasks' stored queries) at the
+request's ``prior_weight`` or the service's; at 0, top-k by cosine and the predictor's re-rank.
 
 One request uses one space end to end: the Encoder answers with the space URI it used; the
 Index is asked for that same URI. Both keep the previous space loaded after a ``reconfigure``
@@ -76,7 +80,10 @@ Send a query as JSON (base64 PNG/JPEG `images` + `labels`), as `multipart/form-d
 parts named `images` + `labels` as repeated fields or `0,1,1`), or name a `dataset` (a task in the
 service's storage root). Images of any mode are accepted: each is converted to RGB and resized to
 the space's extractor image size (bilinear, antialiased) as it is decoded; the response counts the
-resized ones. Every error is `{"error": "..."}` with a 4xx or 5xx status.
+resized ones. Models are ranked as `tans search` ranks them: the predicted accuracy blended with a
+nearest-dataset prior, `z(predicted) + prior_weight * z(nearest-dataset score)` (`prior_weight` 0:
+the space alone, top-k by cosine, re-ranked when `rerank`). Every error is `{"error": "..."}` with a
+4xx or 5xx status.
 
 Limits (the service's settings; defaults in brackets): body `max_body_mb` [32 MB], `max_images` [2000]
 a request, `max_image_side` [1024 px] and `max_image_pixels` [1,048,576] an image, and
