@@ -14,6 +14,7 @@ import pytest
 from scipy.stats import weightedtau
 
 from tans.selection.evaluation import FEATURE_METHODS, METHODS
+from tans.space.prior import DEFAULT_PRIOR_WEIGHT
 from tests.conftest import REPO, make_imagefolder, run_cli
 
 CFG = "configs/evaluate/tiny.yaml"
@@ -131,8 +132,8 @@ def test_metrics_recompute_from_the_raw_numbers(resumed, tmp_path):
         fine1, fine2 = t1["methods"]["tans_search"]["finetuned"], t2["methods"]["tans_search"]["finetuned"]
         assert len(fine1) == 2 and len(fine2) == 1 and t2["methods"]["tans_search"]["pick"] == fine2[0]
         # the retrieval order is the standardised sum of the predictor's and the nearest dataset's
-        # scores, with the recipe's prior_weight (1 by default, 2 here); its first model is fine-tuned
-        for t, weight in ((t1, 1.0), (t2, 2.0)):
+        # scores, with the recipe's prior_weight (the default, then 2); its first model is fine-tuned
+        for t, weight in ((t1, DEFAULT_PRIOR_WEIGHT), (t2, 2.0)):
             ret = t["methods"]["tans_retrieval"]["scores"]
             blend = z(t["methods"]["tans_predicted"]["scores"], pool) + weight * z(t["methods"]["nearest_dataset"]
                                                                                   ["scores"], pool)
