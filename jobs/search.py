@@ -389,10 +389,10 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                             cfg.max_test_images)
     constraints = {"max_params": cfg.max_params or None, "max_flops": cfg.max_flops or None,
                    "family": cfg.family or None}
-    # the zoo tasks' mean query features, read once: the retrieval's prior and the nearest dataset's pick
+    # the zoo tasks' mean query features (read once by the retriever): the nearest dataset's pick
     wants_nearest = cfg.nearest_candidate or "nearest_dataset" in cfg.baselines
-    means = retriever.task_means if cfg.prior_weight > 0 or wants_nearest else {}
-    qx, qy, result, tans_seconds = _retrieve(cfg, retriever, data, constraints, means)
+    means = retriever.task_means if wants_nearest else {}
+    qx, qy, result, tans_seconds = _retrieve(cfg, retriever, data, constraints)
     index = _Index(retriever)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     nearest = _nearest_pick(index, qx, constraints, means) if wants_nearest else None
@@ -461,7 +461,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     return report
 
 
-def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict, means: dict):
+def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict):
     """Encode the query and retrieve: (query features, RetrievalResult, seconds a user waits for it)."""
     import torch
 
@@ -471,7 +471,7 @@ def _retrieve(cfg: SearchConfig, retriever, data, constraints: dict, means: dict
     extractor = build_extractor(retriever.extractor_spec)
     t_sel = time.perf_counter()
     qx, qy = query_from_tensors(extractor, data.train, cfg.query_per_class, cfg.seed)
-    prior = retriever.nearest_prior(qx) if cfg.prior_weight > 0 and means else None
+    prior = retriever.nearest_prior(qx) if cfg.prior_weight > 0 else None  # None: no zoo task has a query
     try:
         result = retriever.retrieve(torch.from_numpy(qx), torch.from_numpy(qy), k=cfg.top_k, rerank=cfg.rerank,
                                     prior=prior, prior_weight=cfg.prior_weight, **constraints)
