@@ -290,8 +290,12 @@ def run_name(cfg: SearchConfig, task: str) -> str:
 
 
 def _space_root(retriever) -> Storage:
-    uri = retriever.info["uri"]
-    return Storage(uri[: uri.rindex("/spaces/")])
+    from tans.space.store import space_root_uri
+
+    root = space_root_uri(retriever.info["uri"])
+    if root is None:
+        raise SearchError(f"the space at {retriever.info['uri']!r} is not in a storage root (<root>/spaces/<run>)")
+    return Storage(root)
 
 
 # Settings that only say how fast or where a search runs: they never make it another search.

@@ -19,6 +19,7 @@ from torch import nn
 
 from tans.space.encoders import PerformancePredictor, QueryEncoder, SpaceError
 from tans.space.prior import DEFAULT_PRIOR_WEIGHT, row_prior, task_codes, zoo_task_means
+from tans.space.store import space_root_uri
 from tans.storage import Storage
 
 if TYPE_CHECKING:
@@ -195,9 +196,9 @@ class Retriever:
         """Mean query feature of every zoo task with a stored query, read once from the storage
         root the space lives in ({} for a space built in memory, or one whose tasks have no query)."""
         if self._task_means is None:
-            uri = str(self.info.get("uri", ""))
-            found = "/spaces/" in uri and "extractor" in self.info
-            self._task_means = zoo_task_means(Storage(uri[: uri.rindex("/spaces/")]), self.info) if found else {}
+            root = space_root_uri(str(self.info.get("uri", "")))
+            found = root is not None and "extractor" in self.info
+            self._task_means = zoo_task_means(Storage(root), self.info) if found else {}
         return self._task_means
 
     def nearest_prior(self, query_features) -> np.ndarray | None:

@@ -111,6 +111,13 @@ def resolve_space(uri: str | None) -> tuple[Storage, str]:
     return storage, _latest(storage)
 
 
+def space_root_uri(space_uri: str) -> str | None:
+    """The URI of the storage root a loaded space lives in, from its ``<root>/spaces/<run>`` URI
+    (as ``space.json``'s ``uri`` records it); None for a URI of no root (a space built in memory)."""
+    head, sep, _ = str(space_uri).rpartition(f"/{paths.SPACES}/")
+    return head if sep and head else None
+
+
 def space_location(space: str, storage: Storage) -> str:
     """What to load for a job's ``space`` setting in the root ``storage``: a bare run name is a run
     of that root (not of the default root), "" is the root's LATEST, anything else a URI as given."""
