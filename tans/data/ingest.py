@@ -54,10 +54,19 @@ class IngestReport:
     engine: str = "local"
     skipped_files: list[str] = field(default_factory=list)  # the unreadable files, in listing order
 
+    def skipped_note(self, verb: str = "skipped", shown: int = 3) -> str:
+        """``, skipped N unreadable file(s): a, b, c and M more`` (empty when none): what was left out."""
+        files = self.skipped_files
+        count = sum(self.skipped.values()) or len(files)
+        if not count:
+            return ""
+        more = f" and {len(files) - shown} more" if len(files) > shown else ""
+        names = f": {', '.join(files[:shown])}{more}" if files else ""
+        return f", {verb} {count} unreadable file(s){names}"
+
     def summary(self) -> str:
         c = self.info.counts
-        skipped = sum(self.skipped.values())
-        extra = f", skipped {skipped} unreadable file(s)" if skipped else ""
+        extra = self.skipped_note()
         return (
             f"task {self.info.name}: {self.info.num_classes} classes, {c['train']} train / {c['test']} test images, "
             f"{self.info.image_size}px x{self.info.channels}{extra} ({self.seconds:.1f}s, {self.engine})"

@@ -84,15 +84,7 @@ def prepare_dataset(storage: Storage, src: str, image_size: int, ingest_cfg=None
                                     config={"source": src, "image_size": image_size})
     except IngestError as exc:
         raise SearchError(str(exc)) from None
-    return name, "ingested from an ImageFolder" + _skipped_note(report.skipped_files)
-
-
-def _skipped_note(skipped_files: list[str], shown: int = 3) -> str:
-    """``, skipping N unreadable file(s): a, b, c, ...`` (empty when none): the run says what it left out."""
-    if not skipped_files:
-        return ""
-    more = f" and {len(skipped_files) - shown} more" if len(skipped_files) > shown else ""
-    return f", skipping {len(skipped_files)} unreadable file(s): {', '.join(skipped_files[:shown])}{more}"
+    return name, "ingested from an ImageFolder" + report.skipped_note("skipping")
 
 
 @dataclass

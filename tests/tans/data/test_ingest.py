@@ -66,7 +66,9 @@ def test_grey_folder_stays_grey_and_corrupt_files_are_skipped(tmp_path):
     assert info.channels == 1 and info.image_size == 20
     assert report.skipped == {"a": 1, "b": 1}
     assert info.counts["train"] + info.counts["test"] == 12
-    assert "skipped 2 unreadable" in report.summary()
+    assert "skipped 2 unreadable file(s): " in report.summary()
+    # the summary names the files, so the user can find them
+    assert str(src / "a" / "broken.png") in report.summary() and str(src / "b" / "notes.txt") in report.summary()
 
 
 def _bomb_png(side: int = 20000) -> bytes:
