@@ -23,9 +23,10 @@ that is a scheduling policy, not a cost of Tune, so workers here run at this pro
 (``--ray-niceness`` keeps Ray's default). Trial actors are reused (``reuse_actors=True``): a
 fresh actor per trial would re-import torch and the zoo's code (~2 CPU-seconds here; ~4.5 before
 ``tans.zoo.ofa_loader_stub`` kept OFA from importing torchvision).
-Tune gives its trial actors a runtime environment of their own (``env_vars``), so they never
-start on the workers Ray prestarts or on ones that ran tasks: every Tune run starts its actors
-as new processes, and their start and imports are a fixed cost of the run.
+Ray starts a new worker process for every actor, Tune's trial actors included (measured on Ray
+2.60: also when the job's runtime environment equals the one Tune gives its trainables, and when
+idle workers that ran tasks are there), so every Tune run starts its actors as new processes,
+and their start and imports are a fixed cost of the run.
 The table splits Tune's wall time into the trials' own time and Tune's (start-up, imports in the
 trial actors, tear-down), and prints how long a trial must be for that fixed time to fit the target.
 
