@@ -2,7 +2,8 @@
 
     python bench/score_blend.py ROOT RUN [RUN ...] [--alphas 0,0.5,1,2,4]
 
-The learned space ranks pool models by ``tans_similarity`` (or ``tans_predicted``); the
+The learned space ranks pool models by ``tans_similarity`` (or ``tans_predicted``, or the two
+z-scores summed: ``similarity+predicted``); the
 ``nearest_dataset`` selector ranks them by how close each model's zoo task is to the target in
 the frozen extractor's features. This replays, without fine-tuning, the blend
 
@@ -33,13 +34,24 @@ from search_variants import pick_on_validation, records_of, regret, zscores  # n
 from tans.selection.metrics import weighted_tau  # noqa: E402
 from tans.selection.search import finetune_list  # noqa: E402
 
-SPACE_SCORES = ("tans_similarity", "tans_predicted")
+# the last one is not a recorded selector: the two space scores' z-scores summed (and standardised
+# again, so alpha weighs the prior against it as against either score alone)
+BOTH = "similarity+predicted"
+SPACE_SCORES = ("tans_similarity", "tans_predicted", BOTH)
+
+
+def space_score(record: dict, space_key: str, pool: list[str]) -> dict[str, float]:
+    """z-scores over ``pool`` of a space score (``BOTH``: of the sum of the two recorded ones)."""
+    if space_key != BOTH:
+        return zscores(record["methods"][space_key]["scores"], pool)
+    sim, pred = (zscores(record["methods"][k]["scores"], pool) for k in ("tans_similarity", "tans_predicted"))
+    return zscores({m: sim[m] + pred[m] for m in pool}, pool)
 
 
 def blend(record: dict, space_key: str, alpha: float) -> dict[str, float]:
     """The blended score of every pool model whose ground-truth fine-tune finished."""
     pool = [m for m in record["pool"] if m in record["ground_truth"]]
-    space = zscores(record["methods"][space_key]["scores"], pool)
+    space = space_score(record, space_key, pool)
     near = zscores(record["methods"]["nearest_dataset"]["scores"], pool)
     return {m: space[m] + alpha * near[m] for m in pool}
 
@@ -99,12 +111,12 @@ def main() -> None:
         raise SystemExit(f"score_blend: --alphas must be comma-separated numbers, got {args.alphas!r}") from None
     records = [r for run in args.runs for r in records_of(args.root, run).values()]
     print(f"{len(records)} records from {', '.join(args.runs)}")
-    print(f"{'score':16s}{'alpha':>7s}{'tau':>9s}{'top-1':>8s}{'search':>8s}")
+    print(f"{'score':22s}{'alpha':>7s}{'tau':>9s}{'top-1':>8s}{'search':>8s}")
     for row in table(records, alphas):
-        print(f"{row['score']:16s}{row['alpha']:7.2f}{row['tau']:9.3f}{row['top1']:8.2f}{row['search']:8.2f}")
+        print(f"{row['score']:22s}{row['alpha']:7.2f}{row['tau']:9.3f}{row['top1']:8.2f}{row['search']:8.2f}")
     for method in ("nearest_dataset", "logme"):
         tau, top1 = reference(records, method)
-        print(f"{method:16s}{'':7s}{tau:9.3f}{top1:8.2f}")
+        print(f"{method:22s}{'':7s}{tau:9.3f}{top1:8.2f}")
 
 
 if __name__ == "__main__":

@@ -66,8 +66,31 @@ def test_cli_prints_a_row_per_score_and_alpha_and_rejects_bad_alphas(tmp_path):
     assert [(r[0], float(r[1])) for r in rows] == [("tans_similarity", 0.0), ("tans_similarity", 2.0),
                                                   ("tans_predicted", 0.0), ("tans_predicted", 2.0)]
     assert [float(r[3]) for r in rows] == [30.0, 0.0, 30.0, 0.0]
+    both = [line.split() for line in ok.stdout.splitlines() if line.startswith("similarity+predicted")]
+    assert [float(r[1]) for r in both] == [0.0, 2.0] and [float(r[3]) for r in both] == [30.0, 0.0]
     logme = [line.split() for line in ok.stdout.splitlines() if line.startswith("logme")][0]
     assert float(logme[2]) == pytest.approx(15.0)
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "r", "--alphas", "x"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--alphas" in bad.stderr
+
+
+def test_the_sum_of_both_space_scores_is_their_standardised_z_sum():
+    import numpy as np
+
+    mod = _module()
+    rec = _record()
+    rec["methods"]["tans_predicted"]["scores"] = {"a": 0.1, "b": 0.9, "c": 0.3, "d": 0.2}
+    pool = rec["pool"]
+
+    def z(v):
+        v = np.asarray(v, dtype=float)
+        return (v - v.mean()) / v.std()
+
+    sim = z([0.9, 0.8, 0.7, 0.6])
+    pred = z([0.1, 0.9, 0.3, 0.2])
+    expected = z(sim + pred)
+    got = mod.space_score(rec, mod.BOTH, pool)
+    assert [got[m] for m in pool] == pytest.approx(list(expected))
+    # b leads the sum (second by similarity, first by prediction), so it is the blend's first pick at alpha 0
+    assert mod.judge(rec, mod.BOTH, 0.0)["top1"] == pytest.approx(20.0)
