@@ -131,6 +131,16 @@ def _ci(ci, pct: bool = False) -> str:
     return f" [{_num(ci[0], pct)}, {_num(ci[1], pct)}]"
 
 
+def tied_records(targets: list[dict]) -> list[str]:
+    """``task s<seed>`` of every record whose ground truth has 2+ models, all at one test accuracy."""
+    out = []
+    for t in targets:
+        accs = {v["test_accuracy"] for v in t["ground_truth"].values()}
+        if len(t["ground_truth"]) > 1 and len(accs) == 1:
+            out.append(f"{t['task']} s{t['seed']}")
+    return out
+
+
 def evaluation_markdown(ev: dict) -> str:
     """evaluation.md: the summary table first, then per-task regret, references and settings."""
     from tans.selection.metrics import wins_or_ties
@@ -168,6 +178,11 @@ def evaluation_markdown(ev: dict) -> str:
                      f"{_num(m['top1_regret'], True)}{_ci(m['top1_regret_ci95'], True)} | "
                      f"{_num(m['top3_regret'], True)}{_ci(m['top3_regret_ci95'], True)} | "
                      f"{_num(m['seconds'], digits=2)} | {vs[0]} | {vs[1]} |")
+    tied = tied_records(ev["targets"])
+    if tied:
+        lines += ["", f"τ is undefined (—) for {len(tied)} record(s) where every pool model reached the same test "
+                  f"accuracy, so there is no order to agree with: {', '.join(tied)}. They count in the regrets "
+                  "(0 for every method) and not in τ; a harder split or a larger test set would separate the models."]
     tasks = list(dict.fromkeys(t["task"] for t in ev["targets"]))
     shown = [m for m in METHODS if m in summary]
     lines += ["", "## Top-1 regret per task (points, mean over seeds)", "",

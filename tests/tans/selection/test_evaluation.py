@@ -105,6 +105,15 @@ def test_markdown_puts_the_summary_table_first():
     assert "| `tans_similarity` | 1.000" in table and "| `logme` |" in table
     assert "| t | 90.0 |" in md  # best in pool, per task
     assert set(summary) <= set(METHODS)
+    assert "τ is undefined" not in md
+
+    # a saturated target (every pool model at 100 %): the report says why its τ is "—"
+    flat = {k: 1.0 for k in truth}
+    tied = dict(record, seed=1, ground_truth={k: {"test_accuracy": v} for k, v in flat.items()})
+    summary = summarise_methods([{"task": "t", "seed": 1, "truth": flat, "methods": methods}])
+    md = evaluation_markdown(dict(ev, targets=[tied], summary=summary))
+    assert "| `tans_similarity` | — |" in md
+    assert "τ is undefined (—) for 1 record(s)" in md and ": t s1." in md
 
 
 def test_the_row_prior_is_the_nearest_dataset_score_of_every_row():
