@@ -197,8 +197,10 @@ class Retriever:
         root the space lives in ({} for a space built in memory, or one whose tasks have no query)."""
         if self._task_means is None:
             root = space_root_uri(str(self.info.get("uri", "")))
-            found = root is not None and "extractor" in self.info
-            self._task_means = zoo_task_means(Storage(root), self.info) if found else {}
+            if root is not None and "extractor" in self.info:
+                self._task_means = zoo_task_means(Storage(root), self.info)
+            else:
+                self._task_means = {}
         return self._task_means
 
     def nearest_prior(self, query_features) -> np.ndarray | None:
