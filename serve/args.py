@@ -33,6 +33,20 @@ from tans.space.prior import DEFAULT_PRIOR_WEIGHT
 DEFAULT_TOKEN_ENV = "TANS_SERVE_TOKEN"
 RETRY_AFTER_S = 1  # the Retry-After of a 503 from a full ingress replica
 
+# Ray Serve's own latency switches (two of those its RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets):
+# a replica runs its user code, and a handle its router, on the process's main event loop instead
+# of a thread of their own. Every hop between the proxy and the three deployments then skips two
+# cross-thread handoffs: measured on 2 cores, a deployment call with a 50-image array took 7 ms
+# instead of 15, and 16 clients got 16 instead of 11 requests/s (bench/serve_load.py). Safe here
+# because no handler of this app blocks its event loop: decoding, forward passes and index
+# searches run in worker threads (asyncio.to_thread, or Serve's thread pool for sync methods).
+# serve/config.yaml sets them for the replicas (runtime_env); `tans serve` sets them for its
+# local Ray, the proxy included; on a cluster set them in every node's environment for the proxy.
+SERVE_LATENCY_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")

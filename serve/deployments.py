@@ -7,7 +7,10 @@ request use one space end to end (serve/app.py).
 
 The Encoder batches *images*, not requests: a request's images are cut into chunks of at most
 ``max_batch_images``, the chunks of concurrent requests are queued into ``@serve.batch`` whose
-size counts images (``batch_size_fn``), and each batch is one extractor forward pass.
+size counts images (``batch_size_fn``), and each batch is one extractor forward pass. A request
+that finds no other request in the Encoder skips the queue: with nothing to batch it with, the
+queue's wait (``batch_wait_timeout_s``) would only add to its latency. Forward passes, batched
+or not, run one at a time.
 """
 
 from __future__ import annotations
@@ -159,7 +162,8 @@ class Encoder(_SpaceHolder):
         self.batching = args.batching
         self.max_batch_images = args.max_batch_images
         logger.addFilter(_ImageCountBatchWarning())
-        self._forward_lock = asyncio.Lock()  # without batching: one forward pass at a time, like a batch
+        self._forward_lock = asyncio.Lock()  # one forward pass at a time, batched or not
+        self.encoding = 0  # requests inside encode() now (one event loop: no lock needed)
         self._set_batch(args.max_batch_images, args.batch_wait_timeout_s)
 
     def _load(self, uri: str) -> EncoderSpace:
@@ -199,13 +203,14 @@ class Encoder(_SpaceHolder):
                 raise RuntimeError(f"features of {len(out) - len(done)} of {len(out)} chunks were not computed")
             return done
 
-        return await asyncio.to_thread(run)
+        async with self._forward_lock:
+            return await asyncio.to_thread(run)
 
     async def _features(self, space: EncoderSpace, x: torch.Tensor) -> torch.Tensor:
         chunks = torch.split(x, self.max_batch_images)
-        if self.batching:
+        if self.batching and (self.encoding > 1 or len(chunks) > 1):
             parts = await asyncio.gather(*(self._features_batched(_Chunk(space, c)) for c in chunks))
-        else:
+        else:  # batching off, or a lone request of one chunk: nothing to batch it with, so no wait
             parts = []
             for c in chunks:
                 async with self._forward_lock:
@@ -224,8 +229,12 @@ class Encoder(_SpaceHolder):
         space = self.spaces.get(pin)
         if space is None:
             return {"missing": pin, "current": self.spaces.current.uri}
-        x, resized = await asyncio.to_thread(to_model_input, images, space.image_size)
-        features = await self._features(space, x)
+        self.encoding += 1
+        try:
+            x, resized = await asyncio.to_thread(to_model_input, images, space.image_size)
+            features = await self._features(space, x)
+        finally:
+            self.encoding -= 1
 
         def embed() -> np.ndarray:
             with torch.no_grad():
