@@ -8,11 +8,14 @@ per deployment (no autoscaling, so the rows compare like with like) over a tiny 
 (serve/toy.py; or ``--space``), and sends one fixed query (``--classes`` x ``--per-class`` PNG
 images at the extractor's size, as base64 JSON and as a multipart upload) from N client threads,
 plus many small requests (``--small`` images, 2 classes) where batching across requests can help.
-Each cell runs for at most ``--seconds`` and ``--max-requests``. Batching is switched by reconfiguring the Encoder's
-user_config in place (no restart). The ratio: ``--pairs`` single HTTP requests alternating with
-``Retriever.retrieve_images`` on the same images in a Ray actor (one torch thread and the same
-niceness as the Encoder replica), medians of each. Everything listens on 127.0.0.1 and is shut
-down at the end."""
+Each cell runs for at most ``--seconds`` and ``--max-requests``. Batching is switched by
+reconfiguring the Encoder's user_config in place (no restart). The ratio: ``--pairs`` single HTTP
+requests alternating with ``Retriever.retrieve_images`` on the same images in a Ray actor (one
+torch thread and the same niceness as the Encoder replica), medians of each; the answers'
+``Server-Timing`` headers split the HTTP time into the proxy, the Ingress's decoding, each
+deployment's own work and the hops between them. Ray Serve's latency switches are set as `tans
+serve` sets them (serve/args.py: SERVE_LATENCY_ENV; export one as 1 to compare). Everything
+listens on 127.0.0.1 and is shut down at the end."""
 
 from __future__ import annotations
 
@@ -121,19 +124,70 @@ class InProcess:
 
 def lockstep_ratio(
     url: str, body: bytes, in_process, pairs: int, ctype: str = "application/json"
-) -> tuple[float, float]:
-    """Median (HTTP seconds, in-process seconds) over ``pairs`` alternating requests: both see the same load."""
+) -> tuple[float, float, dict[str, float]]:
+    """Median (HTTP seconds, in-process seconds, where the HTTP time went in ms) over ``pairs``
+    alternating requests: both see the same load. The split comes from the answers' Server-Timing."""
     import ray
 
-    http, lib = [], []
+    from serve.timing import parse_server_timing
+
+    http, lib, parts = [], [], []
     with requests.Session() as s:
         for _ in range(pairs):
             t0 = time.perf_counter()
             r = s.post(url, data=body, headers={"content-type": ctype}, timeout=120)
             http.append(time.perf_counter() - t0)
             r.raise_for_status()
+            parts.append(time_split(http[-1] * 1e3, parse_server_timing(r.headers.get("Server-Timing", ""))))
             lib.append(ray.get(in_process.seconds.remote()))
-    return statistics.median(http), statistics.median(lib)
+    split = {k: statistics.median(p[k] for p in parts) for k in parts[0]} if parts and parts[0] else {}
+    return statistics.median(http), statistics.median(lib), split
+
+
+# The parts of one HTTP request, in the order they happen.
+SPLIT = ("proxy+client", "decode", "encode hop", "encoder", "search hop", "index", "ingress other")
+
+
+def time_split(total_ms: float, t: dict[str, float]) -> dict[str, float]:
+    """One request's ``total_ms`` split by its Server-Timing: what the client saw outside the Ingress
+    (proxy, HTTP), the Ingress's decoding, each deployment's own work and the hop around it, and the
+    Ingress's remaining time (auth, validation, the answer's JSON). {} without the header."""
+    if not {"ingress", "decode", "encode", "encoder", "search", "index"} <= set(t):
+        return {}
+    return {"proxy+client": total_ms - t["ingress"], "decode": t["decode"],
+            "encode hop": t["encode"] - t["encoder"], "encoder": t["encoder"],
+            "search hop": t["search"] - t["index"], "index": t["index"],
+            "ingress other": t["ingress"] - t["decode"] - t["encode"] - t["search"]}
+
+
+def report(ns: argparse.Namespace, rows: list[dict], ratios: dict, formats: list[str], n_images: int,
+           body_bytes: int, run: str) -> None:
+    """The table of cells, the HTTP / in-process ratios with their time split, and the batching gains."""
+    from serve.toy import IMAGE_SIZE
+
+    print(f"\nquery: {n_images} images ({ns.classes} classes x {ns.per_class}, {IMAGE_SIZE} px PNG, "
+          f"{body_bytes / 1024:.0f} KiB JSON), k=10; space {run} ({'given' if ns.space else '1,000 random models'}); "
+          f"{os.cpu_count()} CPUs")
+    print(f"{'batching':>8} {'format':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'req/s':>7}")
+    for r in rows:
+        print(f"{r['batching']:>8} {r['format']:>9} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
+              f"{r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f}")
+    for r in rows:
+        if r["first_error"]:
+            print(f"first error ({r['batching']}, {r['format']}, {r['clients']} clients): {r['first_error']}")
+    for (mode, fmt), (t_http, t_lib, split) in ratios.items():
+        print(f"batching {mode}, {fmt}: HTTP p50 {t_http * 1e3:.1f} ms / in-process Retriever.retrieve_images p50 "
+              f"{t_lib * 1e3:.1f} ms = {t_http / t_lib:.2f}; target <= 1.2 x + 5 ms: "
+              f"{'met' if t_http <= 1.2 * t_lib + 0.005 else 'missed'} ({ns.pairs} alternating pairs, 1 client)")
+        if split:
+            print("    where the HTTP time went (medians, ms, from Server-Timing): "
+                  + ", ".join(f"{k} {split[k]:.1f}" for k in SPLIT))
+    by = {(r["batching"], r["format"], r["clients"]): r["rps"] for r in rows}
+    for fmt in [*formats, *([f"small{ns.small}"] if ns.small else [])]:
+        on, off = by.get(("on", fmt, 16)), by.get(("off", fmt, 16))
+        if on and off:
+            print(f"batching at 16 clients, {fmt}: {on:.1f} / {off:.1f} req/s = {on / off:.2f}x (target >= 1.3x)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,26 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\nquery: {len(labels)} images ({ns.classes} classes x {ns.per_class}, {IMAGE_SIZE} px PNG, "
-          f"{len(body) / 1024:.0f} KiB JSON), k=10; space {run} ({'given' if ns.space else '1,000 random models'}); "
-          f"{os.cpu_count()} CPUs")
-    print(f"{'batching':>8} {'format':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'req/s':>7}")
-    for r in rows:
-        print(f"{r['batching']:>8} {r['format']:>9} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
-              f"{r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f}")
-    for r in rows:
-        if r["first_error"]:
-            print(f"first error ({r['batching']}, {r['format']}, {r['clients']} clients): {r['first_error']}")
-    for (mode, fmt), (t_http, t_lib) in ratios.items():
-        print(f"batching {mode}, {fmt}: HTTP p50 {t_http * 1e3:.1f} ms / in-process Retriever.retrieve_images p50 "
-              f"{t_lib * 1e3:.1f} ms = {t_http / t_lib:.2f}; target <= 1.2 x + 5 ms: "
-              f"{'met' if t_http <= 1.2 * t_lib + 0.005 else 'missed'} ({ns.pairs} alternating pairs, 1 client)")
-    by = {(r["batching"], r["format"], r["clients"]): r["rps"] for r in rows}
-    for fmt in [*formats, *([f"small{ns.small}"] if ns.small else [])]:
-        on, off = by.get(("on", fmt, 16)), by.get(("off", fmt, 16))
-        if on and off:
-            print(f"batching at 16 clients, {fmt}: {on:.1f} / {off:.1f} req/s = {on / off:.2f}x (target >= 1.3x)")
+    report(ns, rows, ratios, formats, len(labels), len(body), run)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 

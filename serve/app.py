@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -72,6 +72,8 @@ from serve.inputs import (
     parse_multipart_request,
 )
 from serve.spaces import SpaceSwitchTimeout, with_one_space
+from serve.timing import HEADER as SERVER_TIMING
+from serve.timing import ServerTiming
 
 API_DESCRIPTION = """\
 Retrieve the best pretrained subnets of a model zoo for a new image dataset (TANS).
@@ -315,17 +317,24 @@ class Ingress:
                                                   cancelled)
         return req, Query(images=images, labels=labels), resized
 
-    async def _answer(self, req: RetrieveRequest, query: Query, resized: int = 0) -> dict:
+    async def _answer(self, req: RetrieveRequest, query: Query, resized: int = 0,
+                      timing: ServerTiming | None = None) -> dict:
         """Encode and search with one space (serve/spaces.py:with_one_space)."""
+        timing = timing or ServerTiming()
 
         async def encode(pin):
-            return await self.encoder.encode.remote(query.images, query.labels, pin)
+            with timing.phase("encode"):
+                out = await self.encoder.encode.remote(query.images, query.labels, pin)
+            timing.add("encoder", out.pop("ms", None))  # absent from an Encoder of an older version
+            return out
 
         async def search(encoded):
-            res = await self.index.search.remote(encoded["embedding"], encoded["space_uri"], req.k, req.max_params,
-                                                 req.max_flops, req.family, req.rerank,
-                                                 # absent from an Encoder of an older version: the space alone
-                                                 encoded.get("feature_mean"), req.prior_weight)
+            with timing.phase("search"):
+                res = await self.index.search.remote(encoded["embedding"], encoded["space_uri"], req.k,
+                                                     req.max_params, req.max_flops, req.family, req.rerank,
+                                                     # absent from an Encoder of an older version: the space alone
+                                                     encoded.get("feature_mean"), req.prior_weight)
+            timing.add("index", res.pop("ms", None))
             if "error" in res:
                 raise ApiError(res["status"], res["error"])
             return res
@@ -354,14 +363,20 @@ class Ingress:
             }
         },
     )
-    async def retrieve(self, request: Request,
+    async def retrieve(self, request: Request, response: Response,
                        credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
-        """Ranked candidates (best first) for the query under the constraints, and the space run that answered."""
+        """Ranked candidates (best first) for the query under the constraints, and the space run that answered.
+
+        The ``Server-Timing`` header of the answer says where its time went (serve/timing.py)."""
         self._authorize(credentials)
 
         async def work(cancelled):
-            req, query, resized = await self._query(request, cancelled)
-            return await self._answer(req, query, resized)
+            timing = ServerTiming()
+            with timing.phase("decode"):
+                req, query, resized = await self._query(request, cancelled)
+            out = await self._answer(req, query, resized, timing)
+            response.headers[SERVER_TIMING] = timing.header()
+            return out
 
         return await self._bounded(work)
 

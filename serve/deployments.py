@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,6 +230,7 @@ class Encoder(_SpaceHolder):
         space = self.spaces.get(pin)
         if space is None:
             return {"missing": pin, "current": self.spaces.current.uri}
+        t0 = time.perf_counter()
         self.encoding += 1
         try:
             x, resized = await asyncio.to_thread(to_model_input, images, space.image_size)
@@ -240,8 +242,10 @@ class Encoder(_SpaceHolder):
             with torch.no_grad():
                 return space.query_encoder(features, torch.from_numpy(np.array(labels, dtype=np.int64))).numpy()
 
-        return {"space_uri": space.uri, "space_run": space.run, "embedding": await asyncio.to_thread(embed),
-                "feature_mean": features.mean(0).numpy(), "resized": resized}
+        embedding = await asyncio.to_thread(embed)
+        return {"space_uri": space.uri, "space_run": space.run, "embedding": embedding,
+                "feature_mean": features.mean(0).numpy(), "resized": resized,
+                "ms": (time.perf_counter() - t0) * 1e3}  # this replica's own time, for Server-Timing
 
 
 @serve.deployment(
@@ -271,6 +275,7 @@ class Index(_SpaceHolder):
         space = self.spaces.get(pin)
         if space is None:
             return {"missing": pin, "current": self.spaces.current.uri}
+        t0 = time.perf_counter()
         try:
             query = torch.from_numpy(np.array(embedding, dtype=np.float32))
             weight = self.args.prior_weight if prior_weight is None else float(prior_weight)
@@ -285,7 +290,8 @@ class Index(_SpaceHolder):
             return {"error": str(exc), "status": 400}
         return {"space_uri": space.uri, "space_run": space.run, "requested_k": result.requested_k,
                 "returned_k": result.returned_k, "note": result.note, "constraints": result.constraints,
-                "prior_weight": result.prior_weight, "candidates": [vars(c) for c in result.candidates]}
+                "prior_weight": result.prior_weight, "candidates": [vars(c) for c in result.candidates],
+                "ms": (time.perf_counter() - t0) * 1e3}  # this replica's own time, for Server-Timing
 
     def model(self, model_id: str, embedding: bool = False) -> dict:
         """{space_run, space_uri, model: the zoo row} or {missing_model}."""

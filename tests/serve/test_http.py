@@ -14,6 +14,7 @@ import requests
 from PIL import Image
 
 from serve.deploy import apply_config
+from serve.timing import parse_server_timing
 from serve.toy import toy_images
 from tans.data.tasks import encode_png
 from tans.space.prior import DEFAULT_PRIOR_WEIGHT
@@ -62,6 +63,11 @@ def test_retrieval_equals_the_library_for_json_multipart_and_dataset(serve_url, 
     out = r.json()
     assert out["space_run"] == "runA" and out["n_images"] == 12 and out["n_classes"] == 3 and out["resized"] == 0
     assert_same(out, library_answer(serve_root, "runA"))
+    # Server-Timing: the Ingress's phases and, inside the two calls, the deployments' own time
+    timing = parse_server_timing(r.headers["Server-Timing"])
+    assert set(timing) == {"decode", "encode", "encoder", "search", "index", "ingress"} and "ms" not in out
+    assert 0 < timing["encoder"] <= timing["encode"] + 0.1 and 0 < timing["index"] <= timing["search"] + 0.1
+    assert timing["ingress"] >= timing["decode"] + timing["encode"] + timing["search"] - 0.3
     # ranked as `tans search` ranks: the nearest-dataset prior blended in at the service's default
     assert out["prior_weight"] == DEFAULT_PRIOR_WEIGHT
 

@@ -25,6 +25,7 @@ from PIL import Image, ImageFile
 
 from serve.args import AppArgs, ExposureError, check_exposure, is_loopback
 from serve.inputs import ApiError, ImageLimits, check_image_headers, decode_image, decode_resized
+from serve.timing import parse_server_timing
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "s3cret-token"
@@ -353,6 +354,11 @@ def test_http_query_is_decoded_resized_and_sent_as_one_batch(ingress):
     r = request("POST", "/v1/retrieve", json_body(images, [0, 1, 0, 1, 2, 2]))
     assert r.status == 200, r.content
     assert r.json()["resized"] == 2 and r.json()["n_images"] == 6 and r.json()["n_classes"] == 3
+    # where the time went: the Ingress's own phases; these fake models report no time of their own
+    # (as deployments of an older version), so no encoder/index entries, and no "ms" in the answer
+    timing = parse_server_timing(r.header("Server-Timing") or "")
+    assert set(timing) == {"decode", "encode", "search", "ingress"} and "ms" not in r.json()
+    assert timing["ingress"] >= timing["decode"] + timing["encode"] + timing["search"] - 0.3
     ((batch, labels, pin),) = encoder.encode.calls
     assert isinstance(batch, np.ndarray) and batch.shape == (6, 3, 32, 32) and batch.dtype == np.uint8
     # not pinned to the space whose size it asked: the Encoder's current one encodes it (and
