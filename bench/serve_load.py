@@ -145,19 +145,20 @@ def lockstep_ratio(
 
 
 # The parts of one HTTP request, in the order they happen.
-SPLIT = ("proxy+client", "decode", "encode hop", "encoder", "search hop", "index", "ingress other")
+SPLIT = ("proxy+client", "read", "decode", "encode hop", "encoder", "search hop", "index", "ingress other")
 
 
 def time_split(total_ms: float, t: dict[str, float]) -> dict[str, float]:
-    """One request's ``total_ms`` split by its Server-Timing: what the client saw outside the Ingress
-    (proxy, HTTP), the Ingress's decoding, each deployment's own work and the hop around it, and the
-    Ingress's remaining time (auth, validation, the answer's JSON). {} without the header."""
-    if not {"ingress", "decode", "encode", "encoder", "search", "index"} <= set(t):
+    """One request's ``total_ms`` split by its Server-Timing: what the client saw outside the
+    Ingress (proxy, HTTP), the body's arrival in the Ingress and its decoding, each deployment's
+    own work and the hop around it, and the Ingress's remaining time (auth, validation, the
+    answer's JSON). {} without the header."""
+    if not {"ingress", "read", "decode", "encode", "encoder", "search", "index"} <= set(t):
         return {}
-    return {"proxy+client": total_ms - t["ingress"], "decode": t["decode"],
+    return {"proxy+client": total_ms - t["ingress"], "read": t["read"], "decode": t["decode"],
             "encode hop": t["encode"] - t["encoder"], "encoder": t["encoder"],
             "search hop": t["search"] - t["index"], "index": t["index"],
-            "ingress other": t["ingress"] - t["decode"] - t["encode"] - t["search"]}
+            "ingress other": t["ingress"] - t["read"] - t["decode"] - t["encode"] - t["search"]}
 
 
 def report(ns: argparse.Namespace, rows: list[dict], ratios: dict, formats: list[str], n_images: int,

@@ -1,11 +1,12 @@
 """Where one request's time went, as an HTTP ``Server-Timing`` header (browsers' dev tools show it).
 
-The Ingress times its own phases (``decode``: body read, parsed, image headers checked, images
-decoded; ``encode`` and ``search``: the calls to the Encoder and the Index, the hop included) and
-adds what the two deployments report of their own work (``encoder``, ``index``), so a slow
-request says whether the time went to decoding, to the models, or between the deployments.
-``ingress`` is the whole request inside the Ingress; whatever a client measures above that is the
-proxy and the network. Durations are milliseconds, as the header's syntax wants.
+The Ingress times its own phases (``read``: the body arriving from the proxy; ``decode``:
+parsed, image headers checked, images decoded; ``encode`` and ``search``: the calls to the
+Encoder and the Index, the hop included) and adds what the two deployments report of their own
+work (``encoder``, ``index``), so a slow request says whether the time went to decoding, to the
+models, or between the deployments. ``ingress`` is the whole request inside the Ingress;
+whatever a client measures above that is the proxy and the network. Durations are milliseconds,
+as the header's syntax wants.
 """
 
 from __future__ import annotations
