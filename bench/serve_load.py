@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve.args import SERVE_LATENCY_ENV
+    from serve.args import set_latency_env
     from serve.deploy import app_config, apply_config
     from serve.toy import IMAGE_SIZE, make_toy_space, toy_images
     from tans.data.tasks import encode_png
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             small_labels = np.arange(n) % 2
             small = (json.dumps({"images": [base64.b64encode(encode_png(im)).decode() for im in images[:n]],
                                  "labels": small_labels.tolist(), "k": 10}).encode(), "application/json")
-        for name, value in SERVE_LATENCY_ENV.items():  # as `tans serve` does: the proxy inherits them
-            os.environ.setdefault(name, value)
+        set_latency_env()  # as `tans serve` does: the proxy inherits them
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(workdir / "ray"))
         in_process = ray.remote(num_cpus=0)(InProcess).remote(space, images, labels)
         port = free_port()

@@ -49,11 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from serve.app import build_app
-    from serve.args import SERVE_LATENCY_ENV
+    from serve.args import set_latency_env
     from tans.runtime import init_ray
 
-    for name, value in SERVE_LATENCY_ENV.items():  # before Ray starts: its proxy and replicas inherit them
-        os.environ.setdefault(name, value)
+    set_latency_env()
     ray = init_ray()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill, a container stop: the same clean shutdown
         signal.signal(sig, _interrupt)

@@ -273,10 +273,10 @@ class Ingress:
             self.in_flight -= 1
 
     async def _query(self, request: Request, cancelled: threading.Event,
-                     timing: ServerTiming | None = None) -> tuple[RetrieveRequest, Query, int]:
+                     timing: ServerTiming) -> tuple[RetrieveRequest, Query, int]:
         """(request, query, images the ingress resized): body read, parsed and decoded off the event loop."""
         args = self.args
-        with (timing or ServerTiming()).phase("read"):  # the upload arriving from the proxy
+        with timing.phase("read"):  # the upload arriving from the proxy
             body = await read_body(request, args.max_body_bytes)
         content_type = request.headers.get("content-type", "")
         files = None
@@ -319,10 +319,8 @@ class Ingress:
                                                   cancelled)
         return req, Query(images=images, labels=labels), resized
 
-    async def _answer(self, req: RetrieveRequest, query: Query, resized: int = 0,
-                      timing: ServerTiming | None = None) -> dict:
+    async def _answer(self, req: RetrieveRequest, query: Query, resized: int, timing: ServerTiming) -> dict:
         """Encode and search with one space (serve/spaces.py:with_one_space)."""
-        timing = timing or ServerTiming()
 
         async def encode(pin):
             with timing.phase("encode"):

@@ -24,6 +24,7 @@ Bounds on untrusted input, all per request unless said otherwise (each field say
 from __future__ import annotations
 
 import ipaddress
+import os
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,6 +47,13 @@ SERVE_LATENCY_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
 }
+
+
+def set_latency_env() -> None:
+    """SERVE_LATENCY_ENV into this process's environment, where not already set, before Ray starts:
+    a local Ray's proxy and replicas inherit it (export one as 1 to turn it off)."""
+    for name, value in SERVE_LATENCY_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 class AppArgs(BaseModel):
