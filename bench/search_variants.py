@@ -1,6 +1,6 @@
 """Replay ``tans_search`` variants on finished ``tans evaluate`` records, without fine-tuning.
 
-    python bench/search_variants.py ROOT RUN [RUN ...]
+    python bench/search_variants.py ROOT RUN [RUN ...] [--nearest-margins 1,2,3] [--ensemble]
 
 Every record of a run (``ROOT/evaluations/RUN/targets/*.json``) holds each pool model's
 validation and test accuracy after the search recipe's fine-tune (``ground_truth``) and every
@@ -16,11 +16,16 @@ accuracy in the pool minus the pick's. Variants:
 * ``random3_nearest``: the ablation of the space: 3 *random* pool models and ``nearest_dataset``'s
   pick, the expected regret over every such triple (exact, not sampled). What ``with_nearest``
   and ``recorded`` gain over it is what the space's ranking adds to fine-tuning 4 models and choosing on
-  validation.
+  validation;
+* ``nearest_within_<m>`` (with ``--nearest-margins m,...``): the models the run's search fine-tuned
+  (``tans_search.finetuned``), but ``nearest_dataset``'s pick is kept unless another of them is
+  ahead of it on validation by more than ``m`` points: a prior for the obvious neighbour against
+  the noise of a small validation split.
 
-Printed per record and as means, with ``nearest_dataset`` and ``logme`` for reference, and per
-variant the number of tasks (mean over a task's records) where its regret is at most
-``nearest_dataset``'s. Use it on meta_val runs to choose; meta_test runs only to report.
+Printed per record and as means (per run, then over the records of all RUNs together), with
+``nearest_dataset`` and ``logme`` for reference, and per variant the number of tasks (mean over a
+task's records) where its regret is at most ``nearest_dataset``'s. Use it on meta_val runs to
+choose; meta_test runs only to report.
 
 ``--ensemble`` judges an ensemble of the spaces behind the RUNs instead (e.g. one run per
 ``train-space`` seed, same targets and seeds): its similarity is the sum over the runs of each
@@ -59,7 +64,21 @@ def random_with_nearest(record: dict, nearest: str, k: int = 3) -> float:
     return statistics.mean(regret(record, pick_on_validation(record, [*s, nearest])) for s in subsets)
 
 
-def variants(record: dict) -> dict[str, float]:
+def nearest_within(record: dict, margin_pts: float) -> str:
+    """Of the fine-tunes the run's search made, ``nearest_dataset``'s pick unless another is better
+    on validation by more than ``margin_pts`` points (then the best on validation, ties: earlier)."""
+    finetuned = record["methods"]["tans_search"].get("finetuned")
+    if not finetuned:
+        raise SystemExit(f"search_variants: record {record['task']}-s{record.get('seed')} has no "
+                         "tans_search.finetuned list (written by tans evaluate since the nearest-candidate rule)")
+    truth, nearest = record["ground_truth"], record["methods"]["nearest_dataset"]["pick"]
+    best = pick_on_validation(record, finetuned)
+    if nearest in finetuned and truth[best]["val_accuracy"] - truth[nearest]["val_accuracy"] <= margin_pts / 100 + 1e-9:
+        return nearest
+    return best
+
+
+def variants(record: dict, margins: tuple[float, ...] = ()) -> dict[str, float]:
     methods, pool = record["methods"], record["pool"]
     by_similarity = top(methods["tans_similarity"]["scores"], 4, pool)
     nearest = methods["nearest_dataset"]["pick"]
@@ -70,6 +89,7 @@ def variants(record: dict) -> dict[str, float]:
         "predicted_top4": regret(record, pick_on_validation(record, top(methods["tans_predicted"]["scores"], 4, pool))),
         "with_nearest": regret(record, pick_on_validation(record, with_nearest)),
         "random3_nearest": random_with_nearest(record, nearest),
+        **{f"nearest_within_{m:g}": regret(record, nearest_within(record, m)) for m in margins},
         "nearest_dataset": regret(record, nearest),
         "logme": regret(record, methods["logme"]["pick"]),
     }
@@ -127,7 +147,14 @@ def main() -> None:
     ap.add_argument("root")
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--ensemble", action="store_true", help="judge the RUNs' spaces as one ensemble")
+    ap.add_argument("--nearest-margins", default="", metavar="M,...",
+                    help="also judge keeping nearest_dataset's pick unless beaten on validation by > M points")
     args = ap.parse_args()
+    try:
+        margins = tuple(float(m) for m in args.nearest_margins.split(",") if m.strip())
+    except ValueError:
+        raise SystemExit(f"search_variants: --nearest-margins must be comma-separated numbers, "
+                         f"got {args.nearest_margins!r}") from None
     runs = {run: records_of(args.root, run) for run in args.runs}
     if args.ensemble:
         stems = sorted(set.intersection(*(set(r) for r in runs.values())))
@@ -137,8 +164,14 @@ def main() -> None:
         tasks = {s: runs[args.runs[0]][s]["task"] for s in stems}
         print_table(f"ensemble of {', '.join(args.runs)} ({len(stems)} records)", rows, tasks)
         return
+    pooled_rows, pooled_tasks = {}, {}
     for run, records in runs.items():
-        print_table(run, {s: variants(r) for s, r in records.items()}, {s: r["task"] for s, r in records.items()})
+        rows = {s: variants(r, margins) for s, r in records.items()}
+        print_table(run, rows, {s: r["task"] for s, r in records.items()})
+        pooled_rows.update({f"{run}/{s}": row for s, row in rows.items()})
+        pooled_tasks.update({f"{run}/{s}": r["task"] for s, r in records.items()})
+    if len(runs) > 1:  # every record of every run, each weighing the same
+        print_table(f"all {len(runs)} runs ({len(pooled_rows)} records)", pooled_rows, pooled_tasks)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ def test_cli_prints_a_row_per_score_and_alpha_and_rejects_bad_alphas(tmp_path):
     assert [float(r[1]) for r in both] == [0.0, 2.0] and [float(r[3]) for r in both] == [30.0, 0.0]
     logme = [line.split() for line in ok.stdout.splitlines() if line.startswith("logme")][0]
     assert float(logme[2]) == pytest.approx(15.0)
+    # the fine-tunes' own validation accuracies rank d > b > c > a: d is the pool's best (regret 0)
+    val = [line.split() for line in ok.stdout.splitlines() if line.startswith("fine-tune val")][0]
+    expected = weightedtau([0.5, 0.7, 0.6, 0.9], [0.50, 0.60, 0.65, 0.80]).statistic
+    assert float(val[2]) == pytest.approx(expected, abs=1e-3) and float(val[3]) == 0.0
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "r", "--alphas", "x"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--alphas" in bad.stderr

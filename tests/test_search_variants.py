@@ -32,7 +32,7 @@ def _record() -> dict:
         "methods": {
             "tans_similarity": {"scores": {m: -i for i, m in enumerate(pool)}},
             "tans_predicted": {"scores": {m: i for i, m in enumerate(pool)}},
-            "tans_search": {"pick": "b"},
+            "tans_search": {"pick": "b", "finetuned": ["a", "b", "c", "e"]},
             "nearest_dataset": {"pick": "e"},
             "logme": {"pick": "d"},
         },
@@ -55,6 +55,22 @@ def test_variants_pick_on_validation_among_their_candidates():
     assert out["nearest_dataset"] == pytest.approx(10.0) and out["logme"] == pytest.approx(25.0)
 
 
+def test_nearest_within_keeps_the_neighbour_unless_beaten_by_more_than_the_margin():
+    mod = _module()
+    record = _record()
+    # fine-tuned a, b, c, e: b and c lead on validation (0.7, b first), nearest_dataset's e has 0.6
+    assert mod.nearest_within(record, 0) == "b" and mod.nearest_within(record, 9.9) == "b"
+    assert mod.nearest_within(record, 10) == "e"  # 10 points ahead is not more than 10
+    out = mod.variants(record, (0, 10))
+    assert out["nearest_within_0"] == pytest.approx(20.0) and out["nearest_within_10"] == pytest.approx(10.0)
+    # a nearest pick the search did not fine-tune cannot be kept
+    record["methods"]["nearest_dataset"]["pick"] = "f"
+    assert mod.nearest_within(record, 50) == "b"
+    del record["methods"]["tans_search"]["finetuned"]
+    with pytest.raises(SystemExit, match="no tans_search.finetuned"):
+        mod.nearest_within(record, 1)
+
+
 def test_cli_prints_means_and_rejects_an_empty_run(tmp_path):
     targets = tmp_path / "evaluations" / "r" / "targets"
     targets.mkdir(parents=True)
@@ -63,6 +79,24 @@ def test_cli_prints_means_and_rejects_an_empty_run(tmp_path):
     assert ok.returncode == 0, ok.stderr
     mean = [line for line in ok.stdout.splitlines() if line.startswith("mean")][0].split()[1:]
     assert [float(x) for x in mean] == [20.0, 20.0, 0.0, 20.0, 7.5, 10.0, 25.0]
+    margins = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "r", "--nearest-margins", "10"],
+                             capture_output=True, text=True)
+    assert margins.returncode == 0, margins.stderr
+    header = margins.stdout.splitlines()[2].split()
+    margin_mean = [line for line in margins.stdout.splitlines() if line.startswith("mean")][0].split()[1:]
+    assert float(margin_mean[header.index("nearest_within_10") - 1]) == 10.0
+    # two runs: a third table over both runs' records together
+    (tmp_path / "evaluations" / "r2" / "targets").mkdir(parents=True)
+    (tmp_path / "evaluations" / "r2" / "targets" / "u-s0.json").write_text(json.dumps({**_record(), "task": "u"}))
+    both = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "r", "r2"], capture_output=True, text=True)
+    assert both.returncode == 0, both.stderr
+    pooled = both.stdout.split("all 2 runs (2 records)")[1].splitlines()
+    assert [line.split()[0] for line in pooled[2:4]] == ["r/t-s0", "r2/u-s0"]
+    assert [float(x) for x in next(x for x in pooled if x.startswith("mean")).split()[1:]] == [float(x) for x in mean]
+    assert next(x for x in pooled if x.startswith("tasks")).split()[3] == "0/2"
+    wrong = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "r", "--nearest-margins", "x"],
+                           capture_output=True, text=True)
+    assert wrong.returncode != 0 and "--nearest-margins must be" in wrong.stderr
     bad = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "missing"], capture_output=True, text=True)
     assert bad.returncode != 0 and "no records under" in bad.stderr
     # the one task's regret (20) is above nearest_dataset's (10) for similarity, below for the predictor
