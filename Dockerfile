@@ -32,3 +32,6 @@ RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build *.egg-info
 
 ENV RAY_USAGE_STATS_ENABLED=0
+# Ray Serve's latency switches (serve/args.py: SERVE_LATENCY_ENV) for every Ray process of every
+# node, the Serve proxies included: the app's runtime_env sets them only for its own replicas.
+ENV RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0

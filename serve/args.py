@@ -42,7 +42,8 @@ RETRY_AFTER_S = 1  # the Retry-After of a 503 from a full ingress replica
 # because no handler of this app blocks its event loop: decoding, forward passes and index
 # searches run in worker threads (asyncio.to_thread, or Serve's thread pool for sync methods).
 # serve/config.yaml sets them for the replicas (runtime_env); `tans serve` sets them for its
-# local Ray, the proxy included; on a cluster set them in every node's environment for the proxy.
+# local Ray, the proxy included; on a cluster the project image (Dockerfile ENV) sets them for
+# every Ray process, proxies included (tests/cluster/test_manifests.py keeps all four equal).
 SERVE_LATENCY_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",

@@ -295,3 +295,20 @@ def test_rayservice_has_no_inline_secrets():
     text = RAYSERVICE.read_text()
     assert not re.search(r"(?i)authorization:\s*bearer\s+\S", text)
     assert all(m == "..." for m in re.findall(r"from-literal=token=([^\s`]*)", text))  # a placeholder, not a token
+
+
+def test_serve_latency_switches_are_set_wherever_serve_runs():
+    """SERVE_LATENCY_ENV, the one definition, in the app's runtime_env (replicas), the image's ENV
+    (every process of a launcher or KubeRay node, proxies included) and the RayService pods' env."""
+    from serve.args import SERVE_LATENCY_ENV
+
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    (app,) = config["applications"]
+    assert app["runtime_env"]["env_vars"] == SERVE_LATENCY_ENV
+    image_env = dict(
+        pair.split("=", 1) for keyword, args in dockerfile() if keyword == "ENV" for pair in shlex.split(args)
+    )
+    assert {k: image_env.get(k) for k in SERVE_LATENCY_ENV} == SERVE_LATENCY_ENV
+    pods = _env_entries(yaml.safe_load(RAYSERVICE.read_text()))
+    for name, value in SERVE_LATENCY_ENV.items():
+        assert {e.get("value") for e in pods if e["name"] == name} == {value}, name
