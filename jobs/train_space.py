@@ -39,13 +39,13 @@ KS = (1, 5, 10)
 # -- the per-worker training loop ----------------------------------------------------------
 
 
-def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: list[str]):
+def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: list[str], extra: list[str] = ()):
     from tans.space.features import read_query
     from tans.space.training import ZooArrays
     from tans.zoo.store import read_zoo
 
     storage = Storage(root)
-    queries = {t: read_query(storage, extractor, t) for t in [*train, *val]}
+    queries = {t: read_query(storage, extractor, t) for t in dict.fromkeys([*train, *val, *extra])}
     # every row carries its task's mean query feature (used only by a task-features space)
     zoo_all = ZooArrays.from_table(read_zoo(storage, zoo)).with_task_features(queries)
     return zoo_all, queries
@@ -54,6 +54,38 @@ def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: lis
 def _train_subset(zoo_all, tasks: list[str]):
     """The zoo rows of ``tasks`` only: what the training loop may see."""
     return zoo_all.subset(zoo_all.rows_of(tasks))
+
+
+def _transfer_pairs(transfer_cfg: dict, zoo_all, zoo_train):
+    """The transfer records' predictor pairs on the training rows (tans.space.transfer)."""
+    from tans.space.transfer import transfer_pairs
+
+    return transfer_pairs(transfer_cfg["records"], zoo_all.model_ids, zoo_train.model_ids,
+                          set(transfer_cfg["meta_train"]))
+
+
+def _transfer_config(cfg: SpaceConfig, storage: Storage, splits, train: list[str]) -> dict | None:
+    """The training loop's ``transfer`` entry: the runs' records cut to what the pairs need, checked
+    here in the driver (a bad run is one line before any worker starts); None without transfer_runs."""
+    if not cfg.transfer_runs:
+        return None
+    from tans.space.training import ZooArrays
+    from tans.space.transfer import read_transfer_records
+    from tans.zoo.store import read_zoo
+
+    records = [{"task": r.get("task"), "ground_truth": {m: {"test_accuracy": v.get("test_accuracy")}
+                                                         for m, v in (r.get("ground_truth") or {}).items()}}
+               for r in read_transfer_records(storage, cfg.transfer_runs)]
+    out = {"records": records, "meta_train": list(splits.meta_train), "weight": cfg.transfer_weight}
+    zoo_all = ZooArrays.from_table(read_zoo(storage, cfg.zoo))
+    pairs = _transfer_pairs(out, zoo_all, _train_subset(zoo_all, train))
+    if not len(pairs):
+        from tans.space.encoders import SpaceError
+
+        raise SpaceError(f"transfer_runs {cfg.transfer_runs}: no fine-tune of a meta_train zoo model in their records")
+    print(f"[space] transfer: {len(pairs)} pairs (zoo model fine-tuned on another task) from {len(records)} "
+          f"records of {len(pairs.tasks)} meta_train targets in {', '.join(cfg.transfer_runs)}", flush=True)
+    return {**out, "tasks": pairs.tasks}
 
 
 def train_loop(config: dict) -> None:
@@ -70,9 +102,13 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     train, val = config["train_tasks"], config["val_tasks"]
-    zoo_all, queries = _load_inputs(config["root"], config["zoo"], config["extractor"], train, val)
+    transfer_cfg = config.get("transfer")
+    zoo_all, queries = _load_inputs(config["root"], config["zoo"], config["extractor"], train, val,
+                                    transfer_cfg["tasks"] if transfer_cfg else [])
     zoo_train = _train_subset(zoo_all, train)
-    train_queries = {t: queries[t] for t in train}
+    transfer = _transfer_pairs(transfer_cfg, zoo_all, zoo_train) if transfer_cfg else None
+    train_queries = {t: queries[t] for t in (transfer.tasks if transfer else [])}
+    train_queries.update({t: queries[t] for t in train})
     val_queries = {t: queries[t] for t in val}
 
     torch.manual_seed(config["seed"])
@@ -108,7 +144,8 @@ def train_loop(config: dict) -> None:
         mine = batch[rank::world] if world > 1 else batch
         gen = np.random.default_rng([config["seed"], step, rank])
         parts = train_step(model, optimizer, zoo_train, train_queries, mine, config["per_class"], gen,
-                           lam=config["lam"], margin=config["margin"], device=device)
+                           lam=config["lam"], margin=config["margin"], device=device, transfer=transfer,
+                           transfer_weight=transfer_cfg["weight"] if transfer_cfg else 0.0)
         losses.append(parts)
         if writer is not None:
             for k, v in parts.items():
@@ -312,16 +349,19 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
     from tans.space.features import checkpoint_sha256
 
     spec.sha256 = checkpoint_sha256(spec.uri) if spec.uri else ""  # lineage: consumers check it
-    extract_queries(storage, spec, train + val, cfg.queries)
+    splits = load_splits(cfg.splits)
+    transfer = _transfer_config(cfg, storage, splits, train)
+    extract_queries(storage, spec, train + val + (transfer["tasks"] if transfer else []), cfg.queries)
     from tans.space.features import read_query
 
     feature_dim = int(read_query(storage, spec.name, train[0])[0].shape[1])
-    splits = load_splits(cfg.splits)
     info = {
         "run": cfg.name, "zoo": cfg.zoo, "family": manifest.family, "image_size": manifest.image_size,
         "extractor": spec.to_dict(), "feature_dim": feature_dim, "splits": cfg.splits,
         "splits_hash": splits.digest(), "zoo_splits_hash": manifest.splits_hash, "train_tasks": train,
         "val_tasks": val, "architecture": _architecture(cfg),
+        "transfer": {"runs": cfg.transfer_runs, "tasks": transfer["tasks"], "weight": cfg.transfer_weight}
+        if transfer else None,
     }
     files, out_dir = _files_for_run(cfg, storage, finished)
     info["files"] = files
@@ -340,7 +380,7 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
         "info": info, "seed": cfg.seed, "steps": cfg.steps, "eval_every": cfg.eval_every, "lr": cfg.lr,
         "weight_decay": cfg.weight_decay, "lam": cfg.lam, "margin": cfg.margin, "per_class": cfg.per_class,
         "tasks_per_step": cfg.tasks_per_step, "threads": cfg.cpus_per_worker, "tb_rel": f"{out_dir}/tb",
-        "progress": progress,
+        "progress": progress, "transfer": transfer,
     }
     t0 = time.perf_counter()
     printer = threading.Thread(target=drain_progress, args=(progress, _progress_line), daemon=True)

@@ -231,6 +231,11 @@ class SpaceConfig:
     lr: float = 1e-3  # Adam
     weight_decay: float = 1e-4
     lam: float = 1.0  # weight of the predictor's MSE next to the contrastive loss
+    # `tans evaluate` runs (names under <root>/evaluations/, on this zoo) whose targets are meta_train
+    # tasks: their ground-truth fine-tunes teach the predictor how zoo models do once fine-tuned on
+    # *other* tasks, which the zoo never measures (tans.space.transfer); [] = the zoo's accuracies only
+    transfer_runs: list[str] = field(default_factory=list)
+    transfer_weight: float = 1.0  # weight of those pairs' MSE
     margin: float = 0.2
     eval_every: int = 50  # steps between meta-val evaluations (each one a checkpoint)
     seed: int = 0
@@ -253,8 +258,10 @@ class SpaceConfig:
             raise ValueError(f"per_class must be >= 1, got {self.per_class}")
         if self.tasks_per_step == 1 or self.tasks_per_step < 0:
             raise ValueError("tasks_per_step must be 0 (all) or >= 2 (the other tasks are the negatives)")
-        if self.margin < 0 or self.lam < 0:
-            raise ValueError("margin and lam must be >= 0")
+        if self.margin < 0 or self.lam < 0 or self.transfer_weight < 0:
+            raise ValueError("margin, lam and transfer_weight must be >= 0")
+        for run in self.transfer_runs:
+            check_name(run, "transfer_runs")
 
 
 @dataclass

@@ -20,9 +20,10 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from tans.space.contrastive import MARGIN, space_loss
+from tans.space.contrastive import MARGIN, predictor_loss, space_loss
 from tans.space.encoders import ModelEncoder, PerformancePredictor, QueryEncoder, SpaceError, class_means
 from tans.space.metrics import space_metrics
+from tans.space.transfer import TransferPairs
 
 
 @dataclass
@@ -129,18 +130,32 @@ def pad_means(queries: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) ->
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArrays,
                queries: dict[str, tuple[np.ndarray, np.ndarray]], tasks: list[str], per_class: int,
                gen: np.random.Generator, lam: float = 1.0, margin: float = MARGIN,
-               feature_dim: int | None = None, device: str | torch.device = "cpu") -> dict[str, float]:
-    """One optimisation step on ``tasks`` (each must have >= 1 zoo row and a stored query)."""
+               feature_dim: int | None = None, device: str | torch.device = "cpu",
+               transfer: TransferPairs | None = None, transfer_weight: float = 1.0) -> dict[str, float]:
+    """One optimisation step on ``tasks`` (each must have >= 1 zoo row and a stored query).
+
+    ``transfer``: predictor pairs from ground-truth fine-tunes on other tasks (rows of ``zoo``; each
+    of ``transfer.tasks`` needs a query in ``queries``), added to the loss as ``transfer_weight`` x
+    their MSE. They share the step's one forward pass (one DDP forward per backward).
+    """
     if len(tasks) < 2:
         raise SpaceError("a training step needs at least 2 tasks (the others are its negatives)")
     inner = _unwrap(model)
     dim = feature_dim or inner.query_encoder.feature_dim
-    batch = [subsample_query(*queries[t], per_class, gen) for t in tasks]
+    extra_tasks = transfer.tasks if transfer is not None and len(transfer) else []
+    batch = [subsample_query(*queries[t], per_class, gen) for t in [*tasks, *extra_tasks]]
     means, mask = pad_means(batch, dim)
-    rows = zoo.rows_of(tasks)
-    row_task = zoo.tasks[rows]
-    query_of_row = torch.tensor([tasks.index(t) for t in row_task])
-    acc = zoo.accuracy[rows]
+    own_rows = zoo.rows_of(tasks)
+    row_task = zoo.tasks[own_rows]
+    own_query = [tasks.index(t) for t in row_task]
+    rows = own_rows
+    if extra_tasks:  # the transfer pairs' rows follow the batch's own, their queries after the batch's
+        assert transfer is not None
+        rows = np.concatenate([own_rows, transfer.rows])
+        own_query += [len(tasks) + int(i) for i in transfer.task_of_pair]
+    query_of_row = torch.tensor(own_query)
+    n_own = len(own_rows)
+    acc = zoo.accuracy[own_rows]
     # the best model of each task (its positive), as positions within `rows`
     best = []
     for t in tasks:
@@ -149,15 +164,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArray
             raise SpaceError(f"task {t!r} has no model in the zoo")
         best.append(own[int(torch.argmax(acc[own]))])
     best_t = torch.tensor(best)
-    weaker = torch.ones(len(rows), dtype=torch.bool)
+    weaker = torch.ones(n_own, dtype=torch.bool)
     weaker[best_t] = False
     r = torch.from_numpy(rows)
     task_feat = _task_feat(inner, zoo, r)
     q, m, pred = model(means.to(device), mask.to(device), zoo.ks[r].to(device), zoo.e[r].to(device),
                        zoo.d[r].to(device), zoo.f_emb[r].to(device), query_of_row.to(device),
                        None if task_feat is None else task_feat.to(device))
-    loss, parts = space_loss(q, m[best_t.to(device)], pred, acc.to(device), lam=lam, margin=margin,
-                             extra_negatives=m[weaker.to(device)])
+    q, m_own = q[: len(tasks)], m[:n_own]
+    loss, parts = space_loss(q, m_own[best_t.to(device)], pred[:n_own], acc.to(device), lam=lam, margin=margin,
+                             extra_negatives=m_own[weaker.to(device)])
+    if extra_tasks:
+        assert transfer is not None
+        t_loss = predictor_loss(pred[n_own:], torch.from_numpy(transfer.accuracy).to(device))
+        loss = loss + transfer_weight * t_loss
+        parts = {**parts, "loss": loss.item(), "transfer": t_loss.item()}
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()

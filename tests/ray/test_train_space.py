@@ -194,3 +194,45 @@ def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, 
     assert gen.startswith("g-") and {p.name for p in run.iterdir()} == {"space.json", "run.json", gen}
     assert (run / gen / "model.pt").is_file() and (run / gen / "metrics.json").is_file()
     assert len(answer()) == 8 and (root / "spaces" / "LATEST").read_text().strip() == TINY_SPACE
+
+
+@pytest.mark.timeout(1800)
+def test_transfer_runs_teach_the_predictor_from_evaluations_of_meta_train_targets(tiny_space, tmp_path):
+    """An evaluation of a meta_train target feeds `transfer_runs`; one of a meta_test target is refused."""
+    import shutil
+
+    src, _ = tiny_space
+    root = tmp_path / "copy"  # this test trains spaces: LATEST of the shared root stays the tiny space
+    shutil.copytree(src, root, ignore=shutil.ignore_patterns("searches", "evaluations", "exports"))
+    ev = run_cli("evaluate", "--config", "configs/evaluate/tiny.yaml", "--root", str(root), "--dataset", TRAIN[0],
+                 "--seeds", "0", "--name", "xfer", "references=[]", timeout=1200)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    record = json.loads((root / "evaluations" / "xfer" / "targets" / f"{TRAIN[0]}-s0.json").read_text())
+    # the target's own source (digits) leaves the pool: its fine-tunes are of mnist models
+    usable = [m for m, v in record["ground_truth"].items() if "-mnist_0_5-" in m and v["test_accuracy"] is not None]
+    assert usable and not [m for m in record["ground_truth"] if "-digits_" in m]
+
+    proc = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), "name=tiny-xfer",
+                   "transfer_runs=[xfer]", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # only meta_train zoo models train (mnist_5_10 is the meta_val task: its models stay out)
+    assert f"[space] transfer: {len(usable)} pairs" in proc.stdout and "of 1 meta_train targets in xfer" in proc.stdout
+    info = json.loads((root / "spaces" / "tiny-xfer" / "space.json").read_text())
+    assert info["transfer"] == {"runs": ["xfer"], "tasks": [TRAIN[0]], "weight": 1.0}
+    from tans.space.store import files_dir
+
+    metrics = json.loads((root / files_dir("tiny-xfer", info["files"]) / "metrics.json").read_text())
+    assert all(np.isfinite(h["transfer"]) and h["transfer"] >= 0 for h in metrics["history"])
+    assert read_query(Storage(str(root)), info["extractor"]["name"], TRAIN[0])[0].shape[0] > 0
+
+    # a record of a meta_test target may not teach the space: one line, nothing written
+    bad_run = root / "evaluations" / "xfer-test" / "targets"
+    bad_run.mkdir(parents=True)
+    (bad_run / "clipart_0_9-s0.json").write_text(json.dumps({**record, "task": "clipart_0_9"}))
+    for runs, needle in (("[xfer-test]", "'clipart_0_9', which is not a meta_train task"),
+                         ("[no-such-run]", "'no-such-run' has no finished records")):
+        bad = run_cli("train-space", "--config", "configs/space/tiny.yaml", "--root", str(root), "name=tiny-bad",
+                      f"transfer_runs={runs}", timeout=300)
+        errors = [line for line in bad.stderr.strip().splitlines() if line.startswith("error:")]
+        assert bad.returncode == 1 and len(errors) == 1 and needle in errors[0], bad.stderr[-2000:]
+    assert not (root / "spaces" / "tiny-bad" / "space.json").exists()
