@@ -411,7 +411,12 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
             seen.add(task)
             print(f"[evaluate] target {task}: {how}", flush=True)
             targets.append((src, task, how))
+    # a space whose predictor learned from fine-tunes on a target (train-space transfer_runs) has seen its answers
+    learned = set((info.get("transfer") or {}).get("tasks") or [])
     for _, task, _ in targets:
+        if task in learned:
+            raise SearchError(f"space {info['run']!r} learned from fine-tunes on {task!r} (its transfer_runs): "
+                              "judge it on other targets, or with a space trained without them")
         allowed_rows(cfg, storage, zoo, zoo_sources, task)
     from tans.lease import Lease
 

@@ -224,6 +224,12 @@ def test_transfer_runs_teach_the_predictor_from_evaluations_of_meta_train_target
     metrics = json.loads((root / files_dir("tiny-xfer", info["files"]) / "metrics.json").read_text())
     assert all(np.isfinite(h["transfer"]) and h["transfer"] >= 0 for h in metrics["history"])
     assert read_query(Storage(str(root)), info["extractor"]["name"], TRAIN[0])[0].shape[0] > 0
+    # that space may not be judged on the target it learned from
+    judged = run_cli("evaluate", "--config", "configs/evaluate/tiny.yaml", "--root", str(root), "--dataset", TRAIN[0],
+                     "--name", "leak", "space=tiny-xfer", timeout=300)
+    errors = [line for line in judged.stderr.strip().splitlines() if line.startswith("error:")]
+    assert judged.returncode == 1 and len(errors) == 1 and f"learned from fine-tunes on '{TRAIN[0]}'" in errors[0]
+    assert not (root / "evaluations" / "leak").exists()
 
     # a record of a meta_test target may not teach the space: one line, nothing written
     bad_run = root / "evaluations" / "xfer-test" / "targets"
