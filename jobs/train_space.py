@@ -39,13 +39,15 @@ KS = (1, 5, 10)
 # -- the per-worker training loop ----------------------------------------------------------
 
 
-def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: list[str], extra: list[str] = ()):
+def _load_inputs(root: str, zoo: str, extractor: str, train: list[str], val: list[str],
+                 extra: list[str] | None = None):
+    """(every zoo row with its task features, task -> stored query) for train, val and ``extra`` tasks."""
     from tans.space.features import read_query
     from tans.space.training import ZooArrays
     from tans.zoo.store import read_zoo
 
     storage = Storage(root)
-    queries = {t: read_query(storage, extractor, t) for t in dict.fromkeys([*train, *val, *extra])}
+    queries = {t: read_query(storage, extractor, t) for t in dict.fromkeys([*train, *val, *(extra or [])])}
     # every row carries its task's mean query feature (used only by a task-features space)
     zoo_all = ZooArrays.from_table(read_zoo(storage, zoo)).with_task_features(queries)
     return zoo_all, queries
