@@ -362,6 +362,14 @@ def evaluate(cfg: EvaluateConfig, storage: Storage) -> dict:
         return _evaluate(cfg, storage, hold)
 
 
+def check_not_learned(info: dict, task: str) -> None:
+    """A space whose predictor learned from fine-tunes on ``task`` (train-space ``transfer_runs``)
+    has seen the answers there: judging it on ``task`` is refused."""
+    if task in set((info.get("transfer") or {}).get("tasks") or []):
+        raise SearchError(f"space {info['run']!r} learned from fine-tunes on {task!r} (its transfer_runs): "
+                          "judge it on other targets, or with a space trained without them")
+
+
 def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     from tans.selection.metrics import summarise_methods
     from tans.space.features import build_extractor
@@ -411,12 +419,8 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
             seen.add(task)
             print(f"[evaluate] target {task}: {how}", flush=True)
             targets.append((src, task, how))
-    # a space whose predictor learned from fine-tunes on a target (train-space transfer_runs) has seen its answers
-    learned = set((info.get("transfer") or {}).get("tasks") or [])
     for _, task, _ in targets:
-        if task in learned:
-            raise SearchError(f"space {info['run']!r} learned from fine-tunes on {task!r} (its transfer_runs): "
-                              "judge it on other targets, or with a space trained without them")
+        check_not_learned(info, task)
         allowed_rows(cfg, storage, zoo, zoo_sources, task)
     from tans.lease import Lease
 

@@ -90,6 +90,11 @@ def _transfer_config(cfg: SpaceConfig, storage: Storage, splits, train: list[str
     return {**out, "tasks": pairs.tasks}
 
 
+def _transfer_info(cfg: SpaceConfig, transfer: dict | None) -> dict | None:
+    """space.json's ``transfer``: which runs and targets taught the predictor (None: none did)."""
+    return {"runs": cfg.transfer_runs, "tasks": transfer["tasks"], "weight": cfg.transfer_weight} if transfer else None
+
+
 def train_loop(config: dict) -> None:
     """One Ray Train worker: resume or start, train, evaluate on meta-val, checkpoint."""
     import numpy as np
@@ -361,9 +366,7 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
         "run": cfg.name, "zoo": cfg.zoo, "family": manifest.family, "image_size": manifest.image_size,
         "extractor": spec.to_dict(), "feature_dim": feature_dim, "splits": cfg.splits,
         "splits_hash": splits.digest(), "zoo_splits_hash": manifest.splits_hash, "train_tasks": train,
-        "val_tasks": val, "architecture": _architecture(cfg),
-        "transfer": {"runs": cfg.transfer_runs, "tasks": transfer["tasks"], "weight": cfg.transfer_weight}
-        if transfer else None,
+        "val_tasks": val, "architecture": _architecture(cfg), "transfer": _transfer_info(cfg, transfer),
     }
     files, out_dir = _files_for_run(cfg, storage, finished)
     info["files"] = files

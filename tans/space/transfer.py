@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tans import paths
 from tans.space.encoders import SpaceError
 from tans.storage import Storage, StorageError
 
@@ -40,7 +41,7 @@ def read_transfer_records(storage: Storage, runs: list[str]) -> list[dict]:
     """Every finished record (``evaluations/<run>/targets/*.json``) of each run, in run then file order."""
     records = []
     for run in runs:
-        folder = f"evaluations/{run}/targets"
+        folder = f"{paths.evaluation_dir(run)}/targets"
         files = storage.list_files(folder, ".json")  # root-relative paths, sorted
         if not files:
             raise SpaceError(f"transfer_runs: evaluation run {run!r} has no finished records under "
