@@ -438,7 +438,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     records = []
     for i, (src, task, how) in enumerate(targets):
         for seed in cfg.seeds:
-            rel = f"{run_dir}/targets/{task}-s{seed}.json"
+            rel = f"{paths.evaluation_targets_dir(run)}/{task}-s{seed}.json"
             if storage.is_file(rel) and not cfg.force:
                 print(f"[evaluate] {task} seed {seed}: finished earlier ({storage.uri_of(rel)})", flush=True)
                 records.append(storage.read_json(rel))

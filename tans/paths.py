@@ -138,6 +138,11 @@ def evaluation_dir(run: str) -> str:
     return f"{EVALUATIONS}/{run}"
 
 
+def evaluation_targets_dir(run: str) -> str:
+    """An evaluation's finished records, one ``<task>-s<seed>.json`` per target and seed."""
+    return f"{evaluation_dir(run)}/targets"
+
+
 def evaluation_cache_dir(zoo: str) -> str:
     """Per-(task, seed) measurements of an evaluation, shared by every run on the zoo."""
     return f"{EVALUATIONS}/_cache/{zoo}"

@@ -142,18 +142,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArray
         raise SpaceError("a training step needs at least 2 tasks (the others are its negatives)")
     inner = _unwrap(model)
     dim = feature_dim or inner.query_encoder.feature_dim
-    extra_tasks = transfer.tasks if transfer is not None and len(transfer) else []
-    batch = [subsample_query(*queries[t], per_class, gen) for t in [*tasks, *extra_tasks]]
+    pairs = transfer if transfer is not None and len(transfer) else None
+    batch = [subsample_query(*queries[t], per_class, gen) for t in [*tasks, *(pairs.tasks if pairs else [])]]
     means, mask = pad_means(batch, dim)
     own_rows = zoo.rows_of(tasks)
     row_task = zoo.tasks[own_rows]
-    own_query = [tasks.index(t) for t in row_task]
+    query_index = [tasks.index(t) for t in row_task]
     rows = own_rows
-    if extra_tasks:  # the transfer pairs' rows follow the batch's own, their queries after the batch's
-        assert transfer is not None
-        rows = np.concatenate([own_rows, transfer.rows])
-        own_query += [len(tasks) + int(i) for i in transfer.task_of_pair]
-    query_of_row = torch.tensor(own_query)
+    if pairs:  # the transfer pairs' rows follow the batch's own, their queries after the batch's
+        rows = np.concatenate([own_rows, pairs.rows])
+        query_index += [len(tasks) + int(i) for i in pairs.task_of_pair]
+    query_of_row = torch.tensor(query_index)
     n_own = len(own_rows)
     acc = zoo.accuracy[own_rows]
     # the best model of each task (its positive), as positions within `rows`
@@ -174,9 +173,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, zoo: ZooArray
     q, m_own = q[: len(tasks)], m[:n_own]
     loss, parts = space_loss(q, m_own[best_t.to(device)], pred[:n_own], acc.to(device), lam=lam, margin=margin,
                              extra_negatives=m_own[weaker.to(device)])
-    if extra_tasks:
-        assert transfer is not None
-        t_loss = predictor_loss(pred[n_own:], torch.from_numpy(transfer.accuracy).to(device))
+    if pairs:
+        t_loss = predictor_loss(pred[n_own:], torch.from_numpy(pairs.accuracy).to(device))
         loss = loss + transfer_weight * t_loss
         parts = {**parts, "loss": loss.item(), "transfer": t_loss.item()}
     optimizer.zero_grad()

@@ -41,7 +41,7 @@ def read_transfer_records(storage: Storage, runs: list[str]) -> list[dict]:
     """Every finished record (``evaluations/<run>/targets/*.json``) of each run, in run then file order."""
     records = []
     for run in runs:
-        folder = f"{paths.evaluation_dir(run)}/targets"
+        folder = paths.evaluation_targets_dir(run)
         files = storage.list_files(folder, ".json")  # root-relative paths, sorted
         if not files:
             raise SpaceError(f"transfer_runs: evaluation run {run!r} has no finished records under "
