@@ -11,12 +11,14 @@ quarter cheaper, and an inference forward about a third, without changing what i
 Storing the weights channels-last (NHWC, which oneDNN's CPU convolutions prefer) saves about as
 much again; both are measured by ``bench/zoo_build.py``. When gradients flow, depthwise layers on
 maps of at most 6x6 (strided ones included: a strided "same" convolution is the stride-1 one
-sampled every s-th pixel) run as a matmul instead (:data:`MATMUL_MAX_PIXELS`), and the
-squeeze-and-excitation blocks average their maps in one reduction instead of two.
+sampled every s-th pixel) run as a matmul instead (:data:`MATMUL_MAX_PIXELS`), 1x1
+convolutions on those maps too (with or without gradients), and the squeeze-and-excitation
+blocks average their maps in one reduction instead of two.
 
 :func:`crop_depthwise_kernels` switches a model's depthwise layers, in place, to the cropping
 forward: OFA's elastic ``DynamicSeparableConv2d`` (supernets) and plain depthwise ``nn.Conv2d``
-with "same" padding (exported subnets), and OFA's squeeze-and-excitation blocks to theirs.
+with "same" padding (exported subnets), OFA's squeeze-and-excitation blocks to theirs, and 1x1
+stride-1 convolutions (elastic or plain) to :func:`_pointwise`.
 Parameters, buffers and state dicts are untouched.
 :func:`fast_layout` does that and stores the weights channels-last: every supernet
 (:meth:`tans.zoo.supernets.SupernetFamily.build`) and every extracted subnet gets it, unless
@@ -31,7 +33,7 @@ from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
-from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicSE, DynamicSeparableConv2d
+from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicConv2d, DynamicSE, DynamicSeparableConv2d
 from ofa.utils import MyNetwork, make_divisible
 from ofa.utils.layers import SEModule
 from torch import nn
@@ -77,7 +79,11 @@ def depthwise_as_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     kh, kw = weight.shape[-2:]
     flat = torch.cat([weight.reshape(c, kh * kw), weight.new_zeros(c, 1)], dim=1)
     matrix = flat[:, _toeplitz_index(h, w, kh, kw).to(x.device)]  # [c, q, p]
-    return torch.einsum("ncp,cqp->ncq", x.reshape(n, c, h * w), matrix).reshape(n, c, h, w)
+    # Channels first and contiguous, so that bmm runs one strided batched GEMM, forward and
+    # backward. On the strided view of a channels-last x (what einsum passed it) the CPU bmm
+    # falls back to one select, copy and mm per channel: 1.3-4x slower on these maps.
+    pixels = x.reshape(n, c, h * w).transpose(0, 1).contiguous()  # [c, n, p]
+    return torch.bmm(pixels, matrix.transpose(1, 2)).transpose(0, 1).reshape(n, c, h, w)
 
 
 def _depthwise_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int,
@@ -100,6 +106,38 @@ def _depthwise_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return F.conv2d(x, weight, bias, stride, (kh // 2, kw // 2), 1, groups)
     weight, padding = _crop(weight, height, width)
     return F.conv2d(x, weight, bias, 1, padding, 1, groups)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1, stride-1 convolution; on small channels-last maps, as the matmul it is.
+
+    oneDNN's CPU convolution is slow on the maps of the last layers: on a 1x1 map (the
+    squeeze-and-excitation blocks, ``feature_mix_layer``) 960 -> 1280 channels at batch 64 takes
+    22 ms forward + backward against 3 ms as a matmul; 1.2-1.6x on the 2x2 to 6x6 maps; at 12x12
+    and larger the convolution is as fast or faster and is kept.
+    """
+    height, width = x.shape[-2:]
+    if x.device.type == "cpu" and height * width <= MATMUL_MAX_PIXELS and (
+        height * width == 1 or x.is_contiguous(memory_format=torch.channels_last)
+    ):
+        # NHWC rows times the weight: the result comes back channels-last, as the convolution's would.
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias)
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1, stride-1 ``nn.Conv2d`` that runs as a matmul on small maps (:func:`_pointwise`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _pointwise(x, self.weight, self.bias)
+
+
+class PointwiseDynamicConv2d(DynamicConv2d):
+    """OFA's elastic 1x1 convolution (active channels sliced as OFA slices them), as a matmul on small maps."""
+
+    def forward(self, x: torch.Tensor, out_channel: int | None = None) -> torch.Tensor:
+        out_channel = out_channel or self.active_out_channel
+        return _pointwise(x, self.get_active_filter(out_channel, x.size(1)), None)
 
 
 class CroppedDepthwiseConv2d(nn.Conv2d):
@@ -143,10 +181,10 @@ class OneReductionDynamicSE(DynamicSE):
     def forward(self, x: torch.Tensor, groups: int | None = None) -> torch.Tensor:
         in_channel = x.size(1)
         num_mid = make_divisible(in_channel // self.reduction, divisor=MyNetwork.CHANNEL_DIVISIBLE)
-        y = F.conv2d(_squeeze(x), self.get_active_reduce_weight(num_mid, in_channel, groups=groups).contiguous(),
-                     self.get_active_reduce_bias(num_mid))
-        y = F.conv2d(self.fc.relu(y), self.get_active_expand_weight(num_mid, in_channel, groups=groups).contiguous(),
-                     self.get_active_expand_bias(in_channel, groups=groups))
+        y = _pointwise(_squeeze(x), self.get_active_reduce_weight(num_mid, in_channel, groups=groups),
+                       self.get_active_reduce_bias(num_mid))
+        y = _pointwise(self.fc.relu(y), self.get_active_expand_weight(num_mid, in_channel, groups=groups),
+                       self.get_active_expand_bias(in_channel, groups=groups))
         return x * self.fc.h_sigmoid(y)
 
 
@@ -161,10 +199,18 @@ def _is_same_padded_depthwise(m: nn.Module) -> bool:
             and m.padding == (kh // 2, kw // 2) and kh % 2 == 1 and kw % 2 == 1 and m.padding_mode == "zeros")
 
 
+def _is_pointwise(m: nn.Module) -> bool:
+    if type(m) is DynamicConv2d:
+        return type(m.conv) is nn.Conv2d and m.kernel_size == 1 and m.stride == 1 and m.dilation == 1
+    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
+            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
 def crop_depthwise_kernels(model: nn.Module) -> nn.Module:
     """Switch ``model``'s depthwise convolutions to the cropping forward, in place; returns ``model``.
 
-    Its squeeze-and-excitation blocks switch to the one-reduction average as well.
+    Its squeeze-and-excitation blocks switch to the one-reduction average as well, and its 1x1
+    convolutions to the matmul on small maps.
     """
     for m in model.modules():
         if type(m) is DynamicSeparableConv2d and type(m.conv) is nn.Conv2d:  # not weight-standardised
@@ -173,6 +219,8 @@ def crop_depthwise_kernels(model: nn.Module) -> nn.Module:
             m.__class__ = CroppedDepthwiseConv2d
         elif type(m) in _ONE_REDUCTION:
             m.__class__ = _ONE_REDUCTION[type(m)]
+        elif _is_pointwise(m):
+            m.__class__ = PointwiseDynamicConv2d if type(m) is DynamicConv2d else PointwiseConv2d
     return model
 
 
@@ -190,7 +238,8 @@ def fast_layout(model: nn.Module) -> nn.Module:
 
 _PLAIN: dict[type[nn.Module], type[nn.Module]] = {
     CroppedDepthwiseConv2d: nn.Conv2d, CroppedSeparableConv2d: DynamicSeparableConv2d,
-    OneReductionSE: SEModule, OneReductionDynamicSE: DynamicSE}
+    OneReductionSE: SEModule, OneReductionDynamicSE: DynamicSE,
+    PointwiseConv2d: nn.Conv2d, PointwiseDynamicConv2d: DynamicConv2d}
 
 
 def make_plain(model: nn.Module) -> nn.Module:

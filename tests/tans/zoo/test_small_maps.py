@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicSeparableConv2d
+from ofa.imagenet_classification.elastic_nn.modules.dynamic_op import DynamicConv2d, DynamicSeparableConv2d
 from torch import nn
 
 from tans.selection.finetune import build_candidate, model_size
@@ -17,7 +17,10 @@ from tans.zoo.small_maps import (
     CroppedSeparableConv2d,
     OneReductionDynamicSE,
     OneReductionSE,
+    PointwiseConv2d,
+    PointwiseDynamicConv2d,
     _depthwise_same,
+    _pointwise,
     crop_depthwise_kernels,
     depthwise_as_matmul,
     plain_copy,
@@ -77,6 +80,9 @@ def test_supernet_outputs_and_gradients_are_unchanged(family_name, size, monkeyp
     assert not any(type(m) is CroppedSeparableConv2d for m in plain.modules())
     assert any(type(m) is OneReductionDynamicSE for m in fast.modules())
     assert not any(type(m) is OneReductionDynamicSE for m in plain.modules())
+    for kind in (PointwiseDynamicConv2d, PointwiseConv2d):  # the blocks' and the last layers' 1x1 convolutions
+        assert any(type(m) is kind for m in fast.modules())
+        assert not any(type(m) is kind for m in plain.modules())
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fast.parameters() if p.ndim == 4)
     # In float64 the only difference left, summation order, is ~1e-15: any real change shows.
     plain, fast = plain.double(), fast.double()
@@ -114,6 +120,8 @@ def test_extracted_subnet_is_cropped_and_counts_like_the_zoo(tmp_path, monkeypat
     assert not any(type(m) is CroppedDepthwiseConv2d for m in plain_sub.modules())
     assert any(type(m) is OneReductionSE for m in fast_sub.modules())
     assert not any(type(m) is OneReductionSE for m in plain_sub.modules())
+    assert any(type(m) is PointwiseConv2d for m in fast_sub.modules())
+    assert not any(type(m) is PointwiseConv2d for m in plain_sub.modules())
     # State dicts are interchangeable: same keys, same values.
     sd_fast, sd_plain = fast_sub.state_dict(), plain_sub.state_dict()
     assert sd_fast.keys() == sd_plain.keys()
@@ -126,6 +134,27 @@ def test_extracted_subnet_is_cropped_and_counts_like_the_zoo(tmp_path, monkeypat
     assert model_size(fast_sub, 32)[1] == count_flops(plain, arch, 32)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("side", "channels_last"), [(1, False), (2, True), (6, True), (3, False), (12, True)])
+def test_pointwise_route_is_the_convolution(side, channels_last):
+    # <= 36 pixels, channels-last (or a 1x1 map): the matmul; otherwise (and at 12x12) the convolution
+    gen = torch.Generator().manual_seed(side)
+    x = torch.randn(4, 6, side, side, generator=gen, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = torch.randn(5, 6, 1, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    want, got = F.conv2d(x, weight, bias), _pointwise(x, weight, bias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if channels_last:  # the next layer gets the layout the convolution would have given it
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    g_want = torch.autograd.grad(want.square().sum(), (x, weight, bias))
+    g_got = torch.autograd.grad(got.square().sum(), (x, weight, bias))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.timeout(30)
 def test_only_stride_one_same_padded_depthwise_layers_switch():
     model = nn.Sequential(  # on a 3x3 input
@@ -134,12 +163,16 @@ def test_only_stride_one_same_padded_depthwise_layers_switch():
         nn.Conv2d(8, 16, 3, padding=1),  # not depthwise: stays
         nn.Conv2d(16, 16, 3, padding=2, groups=16),  # not "same": stays (-> 4x4)
         DynamicSeparableConv2d(16, [3, 5, 7], stride=1),  # switches
+        nn.Conv2d(16, 12, 1),  # 1x1: the matmul on small maps
+        DynamicConv2d(12, 12),  # elastic 1x1: the matmul on small maps
+        nn.Conv2d(12, 12, 1, stride=2),  # strided 1x1: stays
     )
     before = flops_of(model, torch.zeros(1, 8, 3, 3))
     reference = copy.deepcopy(model)
     crop_depthwise_kernels(model)
     kinds = [type(m) for m in model]
-    assert kinds == [CroppedDepthwiseConv2d, CroppedDepthwiseConv2d, nn.Conv2d, nn.Conv2d, CroppedSeparableConv2d]
+    assert kinds == [CroppedDepthwiseConv2d, CroppedDepthwiseConv2d, nn.Conv2d, nn.Conv2d, CroppedSeparableConv2d,
+                     PointwiseConv2d, PointwiseDynamicConv2d, nn.Conv2d]
     x = torch.randn(2, 8, 3, 3, requires_grad=True)
     torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
