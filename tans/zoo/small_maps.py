@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 from copy import deepcopy
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -201,7 +202,9 @@ def _is_same_padded_depthwise(m: nn.Module) -> bool:
 
 def _is_pointwise(m: nn.Module) -> bool:
     if type(m) is DynamicConv2d:
-        return type(m.conv) is nn.Conv2d and m.kernel_size == 1 and m.stride == 1 and m.dilation == 1
+        elastic: Any = m  # OFA's module: its settings are untyped attributes
+        return bool(type(elastic.conv) is nn.Conv2d and elastic.kernel_size == 1 and elastic.stride == 1
+                    and elastic.dilation == 1)
     return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
             and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
 
