@@ -191,12 +191,10 @@ class OneReductionDynamicSE(DynamicSE):
         return x * self.fc.h_sigmoid(y)
 
 
-_ONE_REDUCTION: dict[type[nn.Module], type[nn.Module]] = {SEModule: OneReductionSE, DynamicSE: OneReductionDynamicSE}
-
-
 # OFA writes its hard activations as x * relu6(x + 3) / 6: four elementwise passes forward and as
-# many saved tensors for backward. PyTorch's own kernels compute the same values (bit for bit on
-# float32 and float64) in one pass, 4-5x faster forward + backward on CPU.
+# many saved tensors for backward. PyTorch's own kernels compute the same forward values (bit for
+# bit on float32 and float64; gradients within float32 rounding) in one pass, 4-5x faster forward
+# + backward on CPU.
 class OneKernelHswish(Hswish):
     """OFA's hard swish as PyTorch's one-kernel ``F.hardswish``."""
 
@@ -211,7 +209,12 @@ class OneKernelHsigmoid(Hsigmoid):
         return F.hardsigmoid(x)
 
 
-_ONE_KERNEL: dict[type[nn.Module], type[nn.Module]] = {Hswish: OneKernelHswish, Hsigmoid: OneKernelHsigmoid}
+# OFA's layer type -> the fast one, for the layers every instance of whose type switches.
+_FAST_OF: dict[type[nn.Module], type[nn.Module]] = {
+    SEModule: OneReductionSE, DynamicSE: OneReductionDynamicSE, Hswish: OneKernelHswish, Hsigmoid: OneKernelHsigmoid}
+# The same for the 1x1 convolutions, which switch only in the shapes _is_pointwise accepts.
+_POINTWISE_OF: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv2d: PointwiseConv2d, DynamicConv2d: PointwiseDynamicConv2d}
 
 
 def _is_same_padded_depthwise(m: nn.Module) -> bool:
@@ -242,12 +245,10 @@ def crop_depthwise_kernels(model: nn.Module) -> nn.Module:
             m.__class__ = CroppedSeparableConv2d
         elif _is_same_padded_depthwise(m):
             m.__class__ = CroppedDepthwiseConv2d
-        elif type(m) in _ONE_REDUCTION:
-            m.__class__ = _ONE_REDUCTION[type(m)]
-        elif type(m) in _ONE_KERNEL:
-            m.__class__ = _ONE_KERNEL[type(m)]
+        elif type(m) in _FAST_OF:
+            m.__class__ = _FAST_OF[type(m)]
         elif _is_pointwise(m):
-            m.__class__ = PointwiseDynamicConv2d if type(m) is DynamicConv2d else PointwiseConv2d
+            m.__class__ = _POINTWISE_OF[type(m)]
     return model
 
 
@@ -263,11 +264,10 @@ def fast_layout(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
+# Every fast layer type -> OFA's plain one (the inverse of the switches above).
 _PLAIN: dict[type[nn.Module], type[nn.Module]] = {
     CroppedDepthwiseConv2d: nn.Conv2d, CroppedSeparableConv2d: DynamicSeparableConv2d,
-    OneReductionSE: SEModule, OneReductionDynamicSE: DynamicSE,
-    PointwiseConv2d: nn.Conv2d, PointwiseDynamicConv2d: DynamicConv2d,
-    OneKernelHswish: Hswish, OneKernelHsigmoid: Hsigmoid}
+    **{fast: plain for table in (_FAST_OF, _POINTWISE_OF) for plain, fast in table.items()}}
 
 
 def make_plain(model: nn.Module) -> nn.Module:
