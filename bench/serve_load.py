@@ -2,6 +2,7 @@
 
     python bench/serve_load.py [--seconds 4] [--max-requests 120] [--pairs 10] [--classes 5]
                                [--per-class 10] [--space URI] [--formats json,multipart] [--small 2]
+                               [--layouts split,fused]
 
 Starts a local Ray and Serve on 127.0.0.1 (a free port), deploys serve/config.yaml with one replica
 per deployment (no autoscaling, so the rows compare like with like) over a tiny random space
@@ -9,7 +10,9 @@ per deployment (no autoscaling, so the rows compare like with like) over a tiny 
 images at the extractor's size, as base64 JSON and as a multipart upload) from N client threads,
 plus many small requests (``--small`` images, 2 classes) where batching across requests can help.
 Each cell runs for at most ``--seconds`` and ``--max-requests``. Batching is switched by
-reconfiguring the Encoder's user_config in place (no restart). The ratio: ``--pairs`` single HTTP
+reconfiguring the Encoder's user_config in place (no restart). Both layouts are measured in turn:
+``split`` (Ingress -> Encoder, Index: three deployments) and ``fused`` (``args.fused``: the Ingress
+encodes and searches in its own process). The ratio: ``--pairs`` single HTTP
 requests alternating with ``Retriever.retrieve_images`` on the same images in a Ray actor (one
 torch thread and the same niceness as the Encoder replica), medians of each; the answers'
 ``Server-Timing`` headers split the HTTP time into the proxy, the Ingress's decoding, each
@@ -162,33 +165,49 @@ def time_split(total_ms: float, t: dict[str, float]) -> dict[str, float]:
 
 
 def report(ns: argparse.Namespace, rows: list[dict], ratios: dict, formats: list[str], n_images: int,
-           body_bytes: int, run: str) -> None:
+           body_bytes: int, run: str, layouts: list[str]) -> None:
     """The table of cells, the HTTP / in-process ratios with their time split, and the batching gains."""
     from serve.toy import IMAGE_SIZE
 
     print(f"\nquery: {n_images} images ({ns.classes} classes x {ns.per_class}, {IMAGE_SIZE} px PNG, "
           f"{body_bytes / 1024:.0f} KiB JSON), k=10; space {run} ({'given' if ns.space else '1,000 random models'}); "
           f"{os.cpu_count()} CPUs")
-    print(f"{'batching':>8} {'format':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'req/s':>7}")
+    print(f"{'layout':>6} {'batching':>8} {'format':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'req/s':>7}")
     for r in rows:
-        print(f"{r['batching']:>8} {r['format']:>9} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
-              f"{r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f}")
+        print(f"{r['layout']:>6} {r['batching']:>8} {r['format']:>9} {r['clients']:>7} {r['requests']:>8} "
+              f"{r['errors']:>6} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f}")
     for r in rows:
         if r["first_error"]:
-            print(f"first error ({r['batching']}, {r['format']}, {r['clients']} clients): {r['first_error']}")
-    for (mode, fmt), (t_http, t_lib, split) in ratios.items():
-        print(f"batching {mode}, {fmt}: HTTP p50 {t_http * 1e3:.1f} ms / in-process Retriever.retrieve_images p50 "
+            print(f"first error ({r['layout']}, {r['batching']}, {r['format']}, {r['clients']} clients): "
+                  f"{r['first_error']}")
+    for (layout, mode, fmt), (t_http, t_lib, split) in ratios.items():
+        print(f"{layout}, batching {mode}, {fmt}: HTTP p50 {t_http * 1e3:.1f} ms / in-process "
+              f"Retriever.retrieve_images p50 "
               f"{t_lib * 1e3:.1f} ms = {t_http / t_lib:.2f}; target <= 1.2 x + 5 ms: "
               f"{'met' if t_http <= 1.2 * t_lib + 0.005 else 'missed'} ({ns.pairs} alternating pairs, 1 client)")
         if split:
             print("    where the HTTP time went (medians, ms, from Server-Timing): "
                   + ", ".join(f"{k} {split[k]:.1f}" for k in SPLIT))
-    by = {(r["batching"], r["format"], r["clients"]): r["rps"] for r in rows}
-    for fmt in [*formats, *([f"small{ns.small}"] if ns.small else [])]:
-        on, off = by.get(("on", fmt, 16)), by.get(("off", fmt, 16))
-        if on and off:
-            print(f"batching at 16 clients, {fmt}: {on:.1f} / {off:.1f} req/s = {on / off:.2f}x (target >= 1.3x)")
+    by = {(r["layout"], r["batching"], r["format"], r["clients"]): r["rps"] for r in rows}
+    for layout in layouts:
+        for fmt in [*formats, *([f"small{ns.small}"] if ns.small else [])]:
+            on, off = by.get((layout, "on", fmt, 16)), by.get((layout, "off", fmt, 16))
+            if on and off:
+                print(f"{layout}, batching at 16 clients, {fmt}: {on:.1f} / {off:.1f} req/s = {on / off:.2f}x "
+                      "(target >= 1.3x)")
+
+
+def layout_config(layout: str, run: str, root: str, batching: bool) -> dict:
+    """serve/config.yaml in ``layout`` (split / fused), one replica per deployment, batching on or off."""
+    from serve.deploy import app_config
+
+    if layout == "fused":
+        return app_config(space=run, args={"root": root}, fused=True,
+                          deployments={"Ingress": {**ONE_REPLICA, "user_config": {"batching": batching}}})
+    return app_config(space=run, args={"root": root},
+                      deployments={"Encoder": {**ONE_REPLICA, "user_config": {"batching": batching}},
+                                   "Index": ONE_REPLICA, "Ingress": ONE_REPLICA})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,16 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space", default="", help="a trained space URI (default: a tiny random one)")
     parser.add_argument("--formats", default="json,multipart", help="request encodings to measure")
     parser.add_argument("--small", type=int, default=2, help="images per small request (0: skip that cell)")
+    parser.add_argument("--layouts", default="split,fused", help="app layouts to measure: split and/or fused")
     ns = parser.parse_args(argv)
     formats = [f for f in ns.formats.split(",") if f]
     if not set(formats) <= {"json", "multipart"} or not formats:
         parser.error(f"--formats: json and/or multipart, got {ns.formats!r}")
+    layouts = [f for f in ns.layouts.split(",") if f]
+    if not set(layouts) <= {"split", "fused"} or not layouts:
+        parser.error(f"--layouts: split and/or fused, got {ns.layouts!r}")
 
     import ray
     from ray import serve
 
     from serve.args import set_latency_env
-    from serve.deploy import app_config, apply_config
+    from serve.deploy import apply_config
     from serve.toy import IMAGE_SIZE, make_toy_space, toy_images
     from tans.data.tasks import encode_png
 
@@ -237,20 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/v1/retrieve"
-        for batching in (True, False):
-            config = app_config(space=run, args={"root": root},
-                                deployments={"Encoder": {**ONE_REPLICA, "user_config": {"batching": batching}},
-                                             "Index": ONE_REPLICA, "Ingress": ONE_REPLICA})
-            apply_config(config)  # first: deploy; then: the Encoder reconfigures in place
+        for layout, batching in [(lay, b) for lay in layouts for b in (True, False)]:
+            apply_config(layout_config(layout, run, root, batching))  # a new layout redeploys; batching reconfigures
             mode = "on" if batching else "off"
             for fmt, (data, ctype) in bodies.items():
                 load_cell(url, data, 2, 2.0, 10, ctype)  # warm-up
-                ratios[(mode, fmt)] = lockstep_ratio(url, data, in_process, ns.pairs, ctype)
+                ratios[(layout, mode, fmt)] = lockstep_ratio(url, data, in_process, ns.pairs, ctype)
                 for clients in CLIENTS:
-                    rows.append({"batching": mode, "format": fmt,
+                    rows.append({"layout": layout, "batching": mode, "format": fmt,
                                  **load_cell(url, data, clients, ns.seconds, ns.max_requests, ctype)})
             if small is not None:
-                rows.append({"batching": mode, "format": f"small{ns.small}",
+                rows.append({"layout": layout, "batching": mode, "format": f"small{ns.small}",
                              **load_cell(url, small[0], 16, ns.seconds, ns.max_requests * 4, small[1])})
     finally:
         if ray.is_initialized():
@@ -258,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    report(ns, rows, ratios, formats, len(labels), len(body), run)
+    report(ns, rows, ratios, formats, len(labels), len(body), run, layouts)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 

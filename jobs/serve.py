@@ -1,6 +1,6 @@
 """`tans serve`: the online retriever on a local Ray, listening on 127.0.0.1 until Ctrl-C.
 
-    tans serve [--space URI] [--root ROOT] [--port 8000] [--host 127.0.0.1]
+    tans serve [--space URI] [--root ROOT] [--port 8000] [--host 127.0.0.1] [--fused]
 
 The space defaults to the root's ``spaces/LATEST``; it is resolved to one run *before* Ray
 starts, so a missing space is a one-line error (exit 1) and every replica serves the same run.
@@ -28,6 +28,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="environment variable holding the bearer token (default TANS_SERVE_TOKEN); unset = no auth",
     )
+    parser.add_argument("--fused", action="store_true",
+                        help="one process: the Ingress encodes and searches itself (no hops between deployments)")
     parser.add_argument("--behind-auth-proxy", action="store_true",
                         help="allow a non-loopback --host without a token: an authenticating proxy is the only way in")
     return parser.parse_args(argv)
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     check_exposure(ns.host, _has_token(token_env), ns.behind_auth_proxy)
     root = Storage(ns.root).uri
     space = resolve_space_uri(root, ns.space)  # SpaceNotFound -> "error: ..." and exit 1, before Ray
-    args = AppArgs(root=root, space=space, auth_token_env=token_env, behind_auth_proxy=ns.behind_auth_proxy)
+    args = AppArgs(root=root, space=space, auth_token_env=token_env, behind_auth_proxy=ns.behind_auth_proxy,
+                   fused=ns.fused)
 
     from ray import serve
 

@@ -5,6 +5,11 @@ Three deployments, composed with ``.bind()``::
     Ingress (FastAPI, HTTP API, limits, auth) --handle--> Encoder (extractor + query encoder, @serve.batch)
                                               --handle--> Index   (constraint mask, ranking, top-k)
 
+or, with ``args.fused``, the Ingress alone, holding an Encoder and an Index object in its own
+process (serve/in_process.py gives them the handles' calling convention): no hop between
+deployments, at the price of the models in every Ingress replica. The space (and the Encoder's
+batching settings) is then the Ingress's ``user_config``, which it hands to both.
+
 The Index ranks as ``tans search`` does: the predictor's score blended with the nearest-dataset
 prior (the query's mean feature, from the Encoder, against the zoo tasks' stored queries) at the
 request's ``prior_weight`` or the service's; at 0, top-k by cosine and the predictor's re-rank.
@@ -55,7 +60,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.args import RETRY_AFTER_S, AppArgs, check_exposure
-from serve.deployments import Encoder, Index
+from serve.deployments import Encoder, Index, SpaceConfig
+from serve.in_process import InProcessHandle
 from serve.inputs import (
     ApiError,
     ErrorBody,
@@ -193,6 +199,25 @@ def serving_host() -> str | None:
     return HTTPOptions().host
 
 
+def _deployment(decorated: object) -> serve.Deployment:
+    """A ``@serve.deployment`` class as what it is at run time (a type checker keeps its class type).
+    Defined before the Ingress, which uses it (see :func:`_root_path`)."""
+    if not isinstance(decorated, serve.Deployment):
+        raise TypeError(f"{decorated!r} is not a Serve deployment")
+    return decorated
+
+
+def _fused_parts(args: AppArgs) -> tuple[Any, ...]:
+    """The fused app's Encoder and Index, as plain objects of their deployments' classes."""
+    parts = []
+    for decorated in (Encoder, Index):
+        cls = _deployment(decorated).func_or_class
+        if not isinstance(cls, type):
+            raise TypeError(f"{cls!r} is not a class")
+        parts.append(cls(args))
+    return tuple(parts)
+
+
 # How long the Ingress reuses the Encoder's answer to "at which image size?".
 TARGET_TTL_S = 2.0
 
@@ -206,7 +231,7 @@ TARGET_TTL_S = 2.0
 class Ingress:
     """HTTP API: parses and limits requests, pins one space per request across Encoder and Index."""
 
-    def __init__(self, encoder: DeploymentHandle, index: DeploymentHandle, args: AppArgs,
+    def __init__(self, encoder: DeploymentHandle | None, index: DeploymentHandle | None, args: AppArgs,
                  token_sha256: str | None = None):
         import torch
         from PIL import PngImagePlugin
@@ -217,7 +242,11 @@ class Ingress:
         # PNG text and ICC chunks are decompressed while the header is read: at most 4 MiB an image
         # here (PIL's default is 64 MiB), so header checks of 2,000 images stay cheap.
         PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, 4 * 1024 * 1024)
-        self.encoder, self.index, self.args = encoder, index, args
+        self.args = args
+        # fused: the Encoder and Index objects live here; their spaces arrive through reconfigure()
+        self.parts = _fused_parts(args) if args.fused else ()
+        self.encoder: Any = InProcessHandle(self.parts[0]) if self.parts else encoder
+        self.index: Any = InProcessHandle(self.parts[1]) if self.parts else index
         self.storage = Storage(args.root)
         own = os.environ.get(args.auth_token_env, "")
         # The builder hands over only a hash of the token, so no secret sits in the deployment's args.
@@ -226,6 +255,24 @@ class Ingress:
         self.in_flight = 0  # API requests this replica holds now (one event loop: no lock needed)
         self._image_size: int | None = None  # the Encoder's current space's, and when it was asked
         self._image_size_at = 0.0
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """The fused app's user_config (the Encoder's: space and batching) to its Encoder and Index.
+
+        Serve calls this only when the Ingress has a user_config; in the split layout the space is
+        the Encoder's and the Index's user_config, so one here would be silently ignored: refused.
+        """
+        if not self.parts:
+            raise ValueError("the Ingress takes a user_config only with args.fused: true; otherwise set the space "
+                             "in the Encoder's and the Index's user_config")
+        encoder, index = self.parts
+        await encoder.reconfigure(user_config)
+        space = SpaceConfig.model_fields["space"].default if user_config is None else user_config.get("space")
+        await index.reconfigure({"space": space} if space is not None else {})
+
+    def check_health(self) -> None:
+        for part in self.parts:  # fused: no space loaded is not healthy (split: the deployments check)
+            part.check_health()
 
     async def _resize_image_size(self) -> int:
         """The image size of the Encoder's current space, asked at most every TARGET_TTL_S.
@@ -454,18 +501,18 @@ def build_app(args: AppArgs, deployment_options: dict | None = None):
     check_exposure(serving_host(), bool(token), args.behind_auth_proxy)
     token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None
     opts = {name: dict((deployment_options or {}).get(name, {})) for name in ("Encoder", "Index", "Ingress")}
+    if args.fused:
+        if opts["Encoder"] or opts["Index"]:
+            raise ValueError("fused: the app has no Encoder or Index deployment; set the Ingress's options")
+        opts["Ingress"].setdefault("user_config", {"space": args.space})
+        # the Encoder's CPU share: its forward passes now run in the Ingress
+        opts["Ingress"].setdefault("ray_actor_options", {"num_cpus": 1})
+        return _deployment(Ingress).options(**opts["Ingress"]).bind(None, None, args, token_sha256)
     for name in ("Encoder", "Index"):
         opts[name].setdefault("user_config", {"space": args.space})
     encoder = _deployment(Encoder).options(**opts["Encoder"]).bind(args)
     index = _deployment(Index).options(**opts["Index"]).bind(args)
     return _deployment(Ingress).options(**opts["Ingress"]).bind(encoder, index, args, token_sha256)
-
-
-def _deployment(decorated: object) -> serve.Deployment:
-    """A ``@serve.deployment`` class as what it is at run time (a type checker keeps its class type)."""
-    if not isinstance(decorated, serve.Deployment):
-        raise TypeError(f"{decorated!r} is not a Serve deployment")
-    return decorated
 
 
 def app_builder(args: AppArgs):

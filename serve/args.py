@@ -86,6 +86,11 @@ class AppArgs(BaseModel):
         "requests one ingress replica holds at once (reading, decoding, waiting for the models; /v1/healthz "
         "and the docs not counted); one more is answered 503 with Retry-After at once, its body unread. "
         "Keep it below the Ingress's max_ongoing_requests, or Serve queues the excess in the proxy instead"))
+    # layout
+    fused: bool = Field(False, description=(
+        "one process: each Ingress replica encodes and searches itself, with no Encoder or Index deployment and "
+        "no hop between deployments (lower latency on one machine; every Ingress replica holds the models). The "
+        "space and the batching settings are then the Ingress's user_config"))
     # batching in the Encoder (the encoder's user_config may override these three at run time)
     batching: bool = Field(True, description="share extractor forward passes across concurrent requests")
     max_batch_images: int = Field(256, ge=1, description="images per extractor forward pass")

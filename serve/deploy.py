@@ -23,19 +23,37 @@ CONFIG_PATH = Path(__file__).with_name("config.yaml")
 
 
 def app_config(space: str | None = None, args: dict | None = None, deployments: dict | None = None,
-               path: Path = CONFIG_PATH) -> dict:
+               path: Path = CONFIG_PATH, fused: bool = False) -> dict:
     """serve/config.yaml with overrides: ``space`` for every user_config that has one, extra ``args``,
     and per-deployment option overrides (``{"Encoder": {"user_config": {...}, "num_replicas": 1}}``;
-    ``user_config`` is merged, other options replace)."""
+    ``user_config`` is merged, other options replace). ``fused``: the one-process layout, see
+    :func:`fused_layout`."""
     config = copy.deepcopy(yaml.safe_load(path.read_text()))
     (app,) = config["applications"]
     app["args"].update(args or {})
+    if fused:
+        fused_layout(app)
     for d in app["deployments"]:
         if space is not None and "user_config" in d:
             d["user_config"] = {**d["user_config"], "space": space}
         for key, value in (deployments or {}).get(d["name"], {}).items():
             d[key] = {**d.get(key, {}), **value} if key == "user_config" else value
     return config
+
+
+def fused_layout(app: dict) -> None:
+    """Turn one application of a config into the fused layout (``args.fused: true``), in place.
+
+    The Ingress alone: it takes the Encoder's ``user_config`` (space, batching) and CPU share, the
+    two model deployments' entries go (Serve refuses options for deployments an app does not have).
+    """
+    app["args"]["fused"] = True
+    by_name = {d["name"]: d for d in app["deployments"]}
+    encoder, ingress = by_name.get("Encoder", {}), by_name["Ingress"]
+    ingress["user_config"] = dict(encoder.get("user_config", {"space": "LATEST"}))
+    ingress["ray_actor_options"] = {**ingress.get("ray_actor_options", {}),
+                                    **encoder.get("ray_actor_options", {"num_cpus": 1})}
+    app["deployments"] = [ingress]
 
 
 def apply_config(config: dict, timeout_s: float = 240) -> None:
