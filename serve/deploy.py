@@ -74,11 +74,16 @@ def apply_config(config: dict, timeout_s: float = 240) -> None:
         apps = serve.status().applications
         states = {n: apps[n].status if n in apps else "NOT_STARTED" for n in names}
         if any(s == "DEPLOY_FAILED" for s in states.values()):
-            raise_deploy_failure([apps[n].message for n in names if n in apps])
+            raise_deploy_failure([m for n in names if n in apps for m in _messages(apps[n])])
         if all(s == "RUNNING" for s in states.values()):
             return
         time.sleep(0.5)
     raise TimeoutError(f"apps not running after {timeout_s:.0f}s: {states}")
+
+
+def _messages(app) -> list[str]:
+    """An application status's message, then each of its deployments' (where the replicas' errors are)."""
+    return [app.message] + [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
 
 
 def raise_deploy_failure(messages: list[str]) -> None:

@@ -93,3 +93,23 @@ def test_fused_app_switches_space_through_the_ingress_user_config(fused_url, ser
         time.sleep(0.2)
     assert info["space_run"] == "runB" and "no_such_run" in info["reconfigure_error"]
     assert post(fused_url, json=good_body()).json()["space_run"] == "runB"
+
+
+def test_split_layout_refuses_a_user_config_on_its_ingress(fused_url, serve_root):
+    from ray import serve
+
+    config = config_with(space="runA", args={"root": str(serve_root), **LIMITS},
+                         deployments={"Ingress": {"user_config": {"space": "runA"}, "num_replicas": 1,
+                                                  "autoscaling_config": None,
+                                                  "ray_actor_options": {"num_cpus": 0.1}},
+                                      "Encoder": {"ray_actor_options": {"num_cpus": 0.1}},
+                                      "Index": {"ray_actor_options": {"num_cpus": 0.1}}})
+    (app,) = config["applications"]
+    app["name"], app["route_prefix"] = "tans-split-bad", "/split-bad"
+    config["applications"] = [app, *fused_config(serve_root, "runB")["applications"]]  # keep the running app
+    try:
+        with pytest.raises(RuntimeError, match="args.fused"):
+            apply_config(config, timeout_s=180)
+    finally:
+        serve.delete("tans-split-bad")
+    assert post(fused_url, json=good_body()).json()["space_run"] == "runB"  # the other app stays up
