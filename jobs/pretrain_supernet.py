@@ -201,7 +201,8 @@ def train_loop(config: dict) -> None:
     train_supernet(model, data, family, steps=epochs * per_epoch, batch_size=batch, lr=config["lr"],
                    seed=config["seed"], random_subnets=config["random_subnets"], rank=rank, world_size=world,
                    start_step=state["step"], on_epoch_end=on_epoch_end, log=log, optimizer=optimizer,
-                   precision=config.get("precision", "fp32"))
+                   precision=config.get("precision", "fp32"),
+                   warmup_steps=round(config.get("warmup_epochs", 0.0) * per_epoch))
     if writer is not None:
         writer.close()
         _upload_tb(config, writer)
@@ -291,6 +292,19 @@ def _save_final(cfg: ZooConfig, storage: Storage, result, model_rel: str) -> dic
     return state
 
 
+# Options added after bases were recorded, at the values those bases were trained with.
+_ADDED_LATER = {("precision", "fp32"), ("warmup_epochs", 0.0)}
+
+
+def weight_settings(p) -> dict:
+    """The pretraining settings the base's weights depend on, for its fingerprint.
+
+    ``max_failures`` is left out (a retry changes nothing), and so is an option added later when
+    it has the value older bases were trained with: a base recorded before it still resumes.
+    """
+    return {k: v for k, v in to_dict(p).items() if k != "max_failures" and (k, v) not in _ADDED_LATER}
+
+
 def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str = "") -> str:
     """Pretrain (or reuse) the base supernet of zoo ``cfg.name`` on ``tasks`` (meta_train).
 
@@ -322,10 +336,8 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str 
     init_state = _initial_state(family, layout.num_classes, p.init)
 
     # What the weights depend on; a leftover run with other settings cannot be resumed.
-    # (precision fp32, the default, is left out: runs recorded before the option existed still resume)
-    settings = {k: v for k, v in to_dict(p).items() if k != "max_failures" and (k, v) != ("precision", "fp32")}
     fingerprint = {"family": cfg.family, "image_size": cfg.image_size, "seed": cfg.seed, "tasks": list(tasks),
-                   "pretrain": settings}
+                   "pretrain": weight_settings(p)}
     out = _attempt_dir(storage, base, fingerprint, finished=storage.is_file(done_rel))
     model_rel = f"{out}/model.pt"
 
@@ -343,7 +355,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str 
         "momentum": p.momentum, "weight_decay": p.weight_decay, "random_subnets": p.random_subnets,
         "init_ref": ray.put(init_state) if init_state is not None else None, "tb_rel": f"{out}/tb",
         "progress": progress, "trace_dir": trace_dir, "fail_at_epoch": int(fail_at) if fail_at and trace_dir else -1,
-        "precision": p.precision,
+        "precision": p.precision, "warmup_epochs": p.warmup_epochs,
     }
     print(f"[pretrain] {cfg.name}: {family.name} at {cfg.image_size}px on {len(tasks)} tasks, {pooled} images, "
           f"{layout.num_classes} classes; {p.epochs} epochs on {p.num_workers} worker(s) -> {storage.uri_of(base)}")

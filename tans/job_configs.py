@@ -99,6 +99,7 @@ class PretrainConfig:
     images_per_task: int = 600  # seeded subset of each meta_train task's train split
     batch_size: int = 64
     lr: float = 0.05  # SGD, cosine schedule over all steps
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up over this many epochs, then the cosine
     momentum: float = 0.9
     weight_decay: float = 3e-5
     random_subnets: int = 1  # sandwich rule: largest + smallest + this many random subnets per step

@@ -126,6 +126,7 @@ def train_supernet(
     log: Callable[[int, dict], None] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     precision: str = "fp32",
+    warmup_steps: int = 0,
 ) -> dict:
     """Train ``model`` for optimizer steps ``start_step .. steps-1`` with the sandwich rule.
 
@@ -133,7 +134,8 @@ def train_supernet(
     world_size, drop_last=True)``); epoch ``k`` covers steps ``k*n .. k*n+n-1`` where ``n`` is the
     number of full batches per shard, so a run resumed at ``start_step`` (with the weights and
     optimizer state of that step) sees exactly the batches the uninterrupted run would have.
-    The learning rate follows :func:`cosine_lr` over ``steps``. ``on_epoch_end(epoch, step)``
+    The learning rate follows :func:`cosine_lr` over ``steps``, after ``warmup_steps`` of linear
+    warm-up. ``on_epoch_end(epoch, step)``
     runs after every full epoch and once more if the last step falls inside an epoch (for
     checkpoints); ``log(step, {"loss", "lr", "epoch"})`` after every step, ``step`` counting the
     steps done (for curves). Pass ``optimizer`` to resume with a restored optimizer state.
@@ -162,7 +164,7 @@ def train_supernet(
                 break
             if i < skip:
                 continue
-            current_lr = cosine_lr(step, steps, lr)
+            current_lr = cosine_lr(step, steps, lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = current_lr
             # Same archs on every rank: the rng depends on (seed, step) only.

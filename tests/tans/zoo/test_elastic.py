@@ -160,3 +160,24 @@ def test_uneven_shards_take_the_same_number_of_steps_per_epoch():
                        on_epoch_end=lambda epoch, step, epochs=epochs: epochs.append((epoch, step)))
         steps[rank] = epochs
     assert steps[0] == steps[1] == [(epoch, epoch + 1) for epoch in range(5)]
+
+
+@pytest.mark.timeout(60)
+def test_train_supernet_warms_the_learning_rate_up_then_follows_the_cosine():
+    data = colour_noise_task(48, seed=2)  # 3 steps per epoch at batch 16
+    lrs: list[float] = []
+    torch.manual_seed(0)
+    train_supernet(TINY.build(4), data, TINY, steps=6, batch_size=16, lr=0.04, seed=3, warmup_steps=3,
+                   log=lambda step, info: lrs.append(info["lr"]))
+    assert lrs == pytest.approx([0.04 / 3, 0.08 / 3, 0.04, *(cosine_lr(s, 6, 0.04, 3) for s in (3, 4, 5))])
+    assert lrs[3] == pytest.approx(0.04) and lrs[2] == lrs[3]  # the warm-up ends at the peak the cosine starts from
+
+
+def test_pretrain_fingerprint_names_a_warm_up_only_when_there_is_one():
+    from jobs.pretrain_supernet import weight_settings
+    from tans.job_configs import PretrainConfig
+
+    default = weight_settings(PretrainConfig())
+    assert "warmup_epochs" not in default and "precision" not in default and "max_failures" not in default
+    assert {"epochs", "lr", "images_per_task"} <= set(default)  # bases recorded before stay resumable
+    assert weight_settings(PretrainConfig(warmup_epochs=1.0))["warmup_epochs"] == 1.0
