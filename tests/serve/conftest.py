@@ -7,6 +7,7 @@ the `space` of its user_configs then reconfigures the replicas in place.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,9 @@ def app_config(root: Path, space: str) -> dict:
     )
 
 
-@pytest.fixture(scope="module")
-def serve_url(serve_root, tmp_path_factory):
-    """Base URL of the app (space runA), on a Ray of its own unless one is already up in this process."""
+@contextmanager
+def running_app(config: dict, tmp_path_factory):
+    """Base URL of ``config`` deployed on 127.0.0.1, on a Ray of its own unless one is already up here."""
     import ray
     from ray import serve
 
@@ -61,7 +62,7 @@ def serve_url(serve_root, tmp_path_factory):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        apply_config(app_config(serve_root, "runA"))
+        apply_config(config)
         url = f"http://127.0.0.1:{port}"
         assert requests.get(f"{url}/v1/healthz", timeout=30).status_code == 200
         yield url
@@ -69,3 +70,10 @@ def serve_url(serve_root, tmp_path_factory):
         serve.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_url(serve_root, tmp_path_factory):
+    """Base URL of the app (space runA)."""
+    with running_app(app_config(serve_root, "runA"), tmp_path_factory) as url:
+        yield url

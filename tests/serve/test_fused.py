@@ -13,8 +13,7 @@ from serve.deploy import app_config as config_with
 from serve.deploy import apply_config
 from serve.timing import parse_server_timing
 from tans.data.tasks import encode_png
-from tests.conftest import free_port
-from tests.serve.conftest import LIMITS
+from tests.serve.conftest import LIMITS, running_app
 from tests.serve.test_http import IMAGES, LABELS, assert_same, good_body, library_answer, post
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -27,24 +26,8 @@ def fused_config(root, space: str) -> dict:
 
 @pytest.fixture(scope="module")
 def fused_url(serve_root, tmp_path_factory):
-    import ray
-    from ray import serve
-
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(tmp_path_factory.mktemp("ray")))
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        apply_config(fused_config(serve_root, "runA"))
-        url = f"http://127.0.0.1:{port}"
-        assert requests.get(f"{url}/v1/healthz", timeout=30).status_code == 200
+    with running_app(fused_config(serve_root, "runA"), tmp_path_factory) as url:
         yield url
-    finally:
-        serve.shutdown()
-        if started_ray:
-            ray.shutdown()
 
 
 def _deployments() -> set[str]:
