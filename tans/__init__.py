@@ -1,7 +1,9 @@
 """TANS on Ray: task-adaptive neural network search over a zoo of pretrained networks.
 
-The library (this package) is plain PyTorch + pyarrow: importing it never imports ``ray``.
-Ray glue lives in ``jobs/``, ``serve/`` and :mod:`tans.runtime` (imported only by those).
+The library (this package) is plain PyTorch + pyarrow: importing it never imports ``ray``, and it
+never imports the Ray layer above it (``jobs/``, ``serve/``). Ray glue lives there and in
+:mod:`tans.runtime` (imported only by those). Running a search from Python is
+``jobs.api.search(...)``; loading what it exported is :func:`load_model`.
 """
 
 __version__ = "0.1.0"
@@ -14,19 +16,8 @@ def load_model(uri: str, device: str = "cpu"):
     return _load_model(uri, device=device)
 
 
-def search(dataset: str, *, config: str | None = None, **options):
-    """Run a search (the same as ``tans search``) and return its report as a ``SearchReport``.
-
-    ``options`` are search config keys (``max_params=3_000_000, top_k=5, epochs=3, root=...``);
-    ``config`` is a search config YAML (default: configs/search/local.yaml). Starts or joins Ray.
-    """
-    import json
-
-    from jobs.search import search as run_search
-    from tans.job_configs import load_job_config
-    from tans.selection.search import SearchReport
-    from tans.storage import Storage
-
-    overrides = [f"dataset={dataset}"] + [f"{k}={json.dumps(v)}" for k, v in options.items()]
-    cfg = load_job_config("search", config, overrides)
-    return SearchReport(run_search(cfg, Storage(cfg.root or None)))
+def __getattr__(name: str):
+    # `tans.search(...)` ran the search job from inside the library; it moved up to the Ray layer.
+    if name == "search":
+        raise AttributeError("tans.search moved to the Ray layer: `from jobs.api import search`")
+    raise AttributeError(f"module 'tans' has no attribute {name!r}")

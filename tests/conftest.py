@@ -102,7 +102,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240) -> subpro
     """Run ``tans ...`` as a user would (a subprocess) and capture its output."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "tans.cli", *args],
+        [sys.executable, "-m", "jobs.cli", *args],
         cwd=REPO,
         env=full_env,
         capture_output=True,

@@ -56,7 +56,7 @@ def test_cli_and_configs_on_312(tmp_path):
     pip = _run([py, "-m", "pip", "install", "-q", "pyyaml>=6", "numpy>=1.26"])
     assert pip.returncode == 0, "installing PyYAML and NumPy into a 3.12 venv failed: " + pip.stderr[-1000:]
     env = {"PYTHONPATH": str(REPO), "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache")}
-    help_ = _run([py, "-m", "tans.cli", "--help"], cwd=tmp_path, env=env)
+    help_ = _run([py, "-m", "jobs.cli", "--help"], cwd=tmp_path, env=env)
     assert help_.returncode == 0, help_.stderr[-2000:]
     assert "build-zoo" in help_.stdout and "search" in help_.stdout
     # every profile of every stage parses and validates against its dataclass on 3.12

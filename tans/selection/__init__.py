@@ -1,6 +1,6 @@
 """The selection stage: searching the zoo for a dataset, fine-tuning the picks, and benchmarking selectors.
 
-(Named ``selection``, not ``search``: :func:`tans.search` is the public facade.)
+(Named ``selection``, not ``search``: ``search`` is the job, :func:`jobs.api.search` its Python API.)
 
 - ``search``: the ideas of a search without Ray (datasets, candidate pools, baseline picks, the report).
 - ``finetune``: fine-tuning a retrieved candidate on a new dataset.

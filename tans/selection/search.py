@@ -399,7 +399,7 @@ def plot_report(report: dict, path: str) -> None:
 
 
 class SearchReport:
-    """A finished search's report.json as an object (what ``tans.search(...)`` returns)."""
+    """A finished search's report.json as an object (what ``jobs.api.search(...)`` returns)."""
 
     def __init__(self, report: dict):
         self.raw = report

@@ -139,7 +139,7 @@ def test_force_rebuilds_beside_the_finished_zoo_and_a_damaged_part_is_rebuilt(bu
 
     before = {**{f"zoo/{k}": v for k, v in tree_digest(zoo_dir).items()},
               **{f"supernets/{k}": v for k, v in tree_digest(root / "supernets" / ZOO).items()}}
-    cmd = [sys.executable, "-m", "tans.cli", "build-zoo", "--config", TINY, "--root", str(root), "--force"]
+    cmd = [sys.executable, "-m", "jobs.cli", "build-zoo", "--config", TINY, "--root", str(root), "--force"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=os.environ.copy())
     deadline = time.monotonic() + 900

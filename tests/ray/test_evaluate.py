@@ -29,7 +29,7 @@ def _evaluate(root, *args, timeout=1500):
 def resumed(tiny_space):
     """A 2-seed evaluation of the meta_test task, SIGKILLed after its first record, then resumed."""
     root, _ = tiny_space
-    cmd = [sys.executable, "-m", "tans.cli", "evaluate", "--config", CFG, "--root", str(root), "--name", "main"]
+    cmd = [sys.executable, "-m", "jobs.cli", "evaluate", "--config", CFG, "--root", str(root), "--name", "main"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=os.environ.copy())
     first = root / "evaluations" / "main" / "targets" / f"{TASK}-s0.json"

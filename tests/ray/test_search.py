@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import tans
+from jobs.api import search as search_api
 from tans.data.reader import load_task_tensors
 from tans.storage import Storage
 from tests.conftest import REPO, run_cli
@@ -95,7 +96,7 @@ def test_report_schema_winner_and_constraints(searched, ledger):
     ledger.intact({"report": report}, {"report": json.loads((run / "report.json").read_text())})
 
     # the Python API returns the same report as an object (a finished search is reused)
-    api = tans.search(TASK, root=str(root), config=CFG, max_params=limit, name="s1", oracle=True)
+    api = search_api(TASK, root=str(root), config=CFG, max_params=limit, name="s1", oracle=True)
     assert api.winner["model_id"] == winner["model_id"] and api.test_accuracy == pytest.approx(acc, abs=1e-6)
     assert api.load_model().classes == loaded.classes
 
@@ -152,7 +153,7 @@ def _drop_a_trial_config(tune_dir):
 def test_an_interrupted_search_resumes(tiny_space, damaged, ledger):
     root, _ = tiny_space
     name = "s3-damaged" if damaged else "s3"
-    cmd = [sys.executable, "-m", "tans.cli", "search", "--config", CFG, "--root", str(root), "--dataset", TASK,
+    cmd = [sys.executable, "-m", "jobs.cli", "search", "--config", CFG, "--root", str(root), "--dataset", TASK,
            "--name", name, "epochs=4", "baselines=[scratch]"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=os.environ.copy())

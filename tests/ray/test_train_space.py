@@ -168,7 +168,7 @@ def test_force_builds_beside_the_finished_space_and_survives_a_kill(tiny_space, 
         holder.wait(timeout=30)
     assert not list(run.glob("g-*")) and (run / "space.json").read_bytes() == before["space.json"]
 
-    cmd = [sys.executable, "-m", "tans.cli", "train-space", "--config", "configs/space/tiny.yaml", "--root", str(root),
+    cmd = [sys.executable, "-m", "jobs.cli", "train-space", "--config", "configs/space/tiny.yaml", "--root", str(root),
            "--force"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=os.environ.copy())

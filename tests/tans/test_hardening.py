@@ -78,7 +78,7 @@ def test_train_space_dotdot_is_refused_before_torch_or_ray_and_the_root_is_untou
     root = tmp_path / "copy"
     _small_root(root)
     before = tree_digest(root)
-    code = ("import sys\nfrom jobs._common import run_main\nfrom tans.cli import main\n"
+    code = ("import sys\nfrom jobs._common import run_main\nfrom jobs.cli import main\n"
             f"rc = main(['train-space', '--config', 'configs/space/local.yaml', 'root={root}', 'name=..', "
             "'force=true'])\n"
             "print('RESULT', rc, 'torch' in sys.modules, 'ray' in sys.modules)\n")

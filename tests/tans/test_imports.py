@@ -16,7 +16,7 @@ CORE_MODULES = [
     "tans.data.reader",
     "tans.job_configs",
     "tans.data.builtin.catalog",
-    "tans.cli",
+    "jobs.cli",  # the `tans` command: its import stays light too
     "tans.zoo.supernets",
     "tans.zoo.subnets",
     "tans.zoo.measure",
@@ -60,3 +60,12 @@ def test_cli_help_and_unknown_commands():
     assert "export" in ok.stdout
     unknown = run_cli("frobnicate")
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr
+
+
+def test_the_old_search_facade_names_its_new_home():
+    import tans
+
+    with pytest.raises(AttributeError, match=r"from jobs\.api import search"):
+        tans.search  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tans.nope  # noqa: B018

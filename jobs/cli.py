@@ -1,8 +1,9 @@
-"""The ``tans`` command: a thin dispatcher to the job modules in ``jobs/``.
+"""The ``tans`` command (``python -m jobs.cli``): a thin dispatcher to the job modules in ``jobs/``.
 
 Each ``tans X`` runs ``python -m jobs.<module>`` in-process, so the same thing can be handed to
 ``ray job submit``. Job modules are imported only when their command runs, which keeps
-``tans --help`` fast and ``import tans`` free of Ray.
+``tans --help`` fast and free of Ray and torch. It lives here, not in the library, because it
+runs the jobs: ``tans/`` never imports ``jobs/``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    from jobs._common import run_main
+    from jobs._common import run_main  # here, not at the top: `tans --help` stays light
 
     return run_main(module.main, rest)
 
