@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from tans import runtime
+    from jobs import runtime
 
     runtime.init_ray()
     go, done = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})

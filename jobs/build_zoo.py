@@ -122,8 +122,8 @@ def main(argv: list[str]) -> int:
         storage.write_json(paths.supernet_config_file(cfg.name),
                            {k: v for k, v in to_dict(cfg).items() if k != "force"})
 
+        from jobs import runtime
         from jobs.pretrain_supernet import pretrain_base
-        from tans import runtime
 
         runtime.init_ray()
         if generation and generation != live:  # a fresh generation: nothing in it to reuse

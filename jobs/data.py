@@ -83,7 +83,7 @@ def ingest(args: argparse.Namespace) -> int:
         # Chosen on the listing ingest_imagefolder already made: large inputs decode on Ray Data.
         if len(paths) < cfg.ray_min_images:
             return decode_in_process(fs, paths, image_size)
-        from tans import runtime
+        from jobs import runtime
 
         runtime.init_ray()
         used["engine"] = "ray-data"
@@ -130,7 +130,7 @@ def _materialise_all(storage: Storage, specs: list[catalog.TaskSpec], cfg: Inges
     config = to_dict(cfg)
     bar = tqdm(total=len(specs), desc="tasks", unit="task", file=sys.stderr, disable=True if len(specs) < 2 else None)
     if cfg.ray_for_builtin and len(specs) > 1:
-        from tans import runtime
+        from jobs import runtime
 
         runtime.init_ray()
         results = runtime.materialise_builtin_with_ray(

@@ -427,7 +427,7 @@ def _evaluate(cfg: EvaluateConfig, storage: Storage, hold) -> dict:
     lease = hold.enter_context(Lease(storage, run_dir, what="tans evaluate"))  # one writer per run
     storage.write_json(f"{run_dir}/run.json", {"fingerprint": fingerprint, "config": to_dict(cfg)})
 
-    from tans import runtime
+    from jobs import runtime
 
     runtime.init_ray()
     extractor = build_extractor(retriever.extractor_spec)

@@ -116,7 +116,7 @@ def extract_queries(storage: Storage, spec: ExtractorSpec, tasks: list[str], q: 
     from tans.space.features import build_extractor
 
     build_extractor(spec)  # an unreadable checkpoint is one line here, not an actor crash
-    from tans import runtime
+    from jobs import runtime
 
     runtime.init_ray()
     import ray.data  # binds `ray` too

@@ -292,7 +292,7 @@ def _collect(ds) -> pa.Table:
 def run_predictions(model_uri: str, source: Source, batch_size: int, concurrency: int | None,
                     cpus_per_actor: float) -> tuple[pa.Table, list[str], float]:
     """Label ``source`` on Ray Data; returns ``(predictions table, skipped paths, seconds)``."""
-    from tans import runtime
+    from jobs import runtime
 
     runtime.init_ray()
     import ray.data  # binds `ray` too

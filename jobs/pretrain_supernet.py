@@ -341,7 +341,7 @@ def pretrain_base(cfg: ZooConfig, storage: Storage, tasks: list[str], base: str 
     out = _attempt_dir(storage, base, fingerprint, finished=storage.is_file(done_rel))
     model_rel = f"{out}/model.pt"
 
-    from tans import runtime
+    from jobs import runtime
 
     ray = runtime.init_ray()
     from ray.util.queue import Queue

@@ -409,7 +409,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
     for split, classes in missing.items():  # too few images in a class: say so, the search still runs
         print(f"[search] warning: no {split} image of class(es) {', '.join(classes[:5])}"
               f"{' ...' if len(classes) > 5 else ''}: too few images in them", file=sys.stderr, flush=True)
-    from tans import runtime
+    from jobs import runtime
 
     lease = hold.enter_context(Lease(storage, run_dir, what="tans search"))  # one writer per run
     if storage.is_file(f"{run_dir}/report.json") and not cfg.force:  # finished while we prepared: reuse it

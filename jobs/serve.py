@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
+    from jobs.runtime import init_ray
     from serve.app import build_app
     from serve.args import set_latency_env
-    from tans.runtime import init_ray
 
     set_latency_env()
     ray = init_ray()

@@ -374,7 +374,7 @@ def _train_new(cfg: SpaceConfig, storage: Storage, finished: bool, lease) -> str
           f"meta-val tasks, features {feature_dim}-d from {spec.name}; {cfg.steps} steps on "
           f"{cfg.num_workers} worker(s) -> {storage.uri_of(out_dir)}", flush=True)
 
-    from tans import runtime
+    from jobs import runtime
 
     runtime.init_ray()
     from ray.util.queue import Queue

@@ -1,9 +1,9 @@
 """TANS on Ray: task-adaptive neural network search over a zoo of pretrained networks.
 
-The library (this package) is plain PyTorch + pyarrow: importing it never imports ``ray``, and it
-never imports the Ray layer above it (``jobs/``, ``serve/``). Ray glue lives there and in
-:mod:`tans.runtime` (imported only by those). Running a search from Python is
-``jobs.api.search(...)``; loading what it exported is :func:`load_model`.
+The library (this package) is plain PyTorch + pyarrow: it never imports ``ray``, nor the Ray layer
+above it (``jobs/``, ``serve/``), where the Ray glue lives (``jobs.runtime``: starting Ray, Ray
+Data readers). Running a search from Python is ``jobs.api.search(...)``; loading what it exported
+is :func:`load_model`.
 """
 
 __version__ = "0.1.0"

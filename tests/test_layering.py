@@ -1,6 +1,6 @@
 """The layering, read from the source (imports inside functions included): tans/ never reaches up
 into jobs/ or serve/, not even for the `tans` command or the Python API (those live in jobs/cli.py
-and jobs/api.py); serve/ never imports jobs/."""
+and jobs/api.py), and never imports ray; serve/ never imports jobs/."""
 
 from __future__ import annotations
 
@@ -50,6 +50,13 @@ def test_the_entry_points_sit_in_the_ray_layer():
     # the console script and the Python API run the jobs, so they are jobs/ modules
     assert "jobs" in imported_packages(REPO / "jobs/cli.py") and "jobs" in imported_packages(REPO / "jobs/api.py")
     assert 'tans = "jobs.cli:main"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_tans_holds_no_ray_code():
+    # Ray glue (starting Ray, Ray Data readers) is jobs/runtime.py; the library is Ray-free
+    # in every module, not only in the ones `import tans` happens to load
+    assert offenders("tans", {"ray"}) == []
+    assert "ray" in imported_packages(REPO / "jobs/runtime.py")
 
 
 def test_serve_never_imports_jobs():

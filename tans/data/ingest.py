@@ -9,7 +9,7 @@ is stratified per class and seeded.
 
 All checks run before anything is written, so a bad input leaves nothing under
 ``tasks/<NAME>/``. Decoding is a pure function of bytes (:func:`decode_image_bytes`), so the job
-layer can fan it out over Ray Data for large inputs (see :mod:`tans.runtime`).
+layer can fan it out over Ray Data for large inputs (see :mod:`jobs.runtime`).
 """
 
 from __future__ import annotations

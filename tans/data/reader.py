@@ -4,7 +4,7 @@ Images are decoded once into a ``uint8`` tensor (``N x C x H x W``) - small CPU-
 memory many times over - and batches are cut from it, optionally shuffled with a seed and sharded
 by rank so each DDP worker sees a disjoint slice. Grey images are repeated to 3 channels when
 ``channels=3``: the supernets are RGB networks. The Ray Data path that shards a task over train
-workers lives in :mod:`tans.runtime`, outside the Ray-free core.
+workers lives in :mod:`jobs.runtime`, outside the Ray-free library.
 """
 
 from __future__ import annotations

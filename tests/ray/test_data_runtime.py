@@ -13,7 +13,7 @@ from tests.conftest import make_imagefolder, run_cli
 
 @pytest.mark.timeout(180)
 def test_task_dataset_reads_and_shards(ray_local, tmp_path):
-    from tans import runtime
+    from jobs import runtime
 
     src = make_imagefolder(tmp_path / "src", {"a": 10, "b": 10, "c": 10})
     st = Storage(str(tmp_path / "root"))
@@ -41,7 +41,7 @@ def test_task_dataset_reads_and_shards(ray_local, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_ray_data_decode_matches_in_process(ray_local, tmp_path):
-    from tans import runtime
+    from jobs import runtime
 
     src = make_imagefolder(tmp_path / "src", {"a": 6, "b": 6})
     (src / "a" / "bad.png").write_bytes(b"nope")

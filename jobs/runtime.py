@@ -1,6 +1,6 @@
-"""The one place the library meets Ray: starting/connecting, Ray Data readers and fan-out.
+"""Where the jobs meet Ray: starting/connecting, Ray Data readers and fan-out over the library.
 
-Only ``jobs/`` (and ``serve/``) import this module, so ``import tans`` never imports ``ray``.
+It sits in ``jobs/``, not in the library, so ``tans/`` holds no Ray code at all.
 
 * :func:`init_ray` connects to ``RAY_ADDRESS`` when set (a cluster, or ``ray job submit``),
   else starts an embedded single-node Ray whose listeners stay on 127.0.0.1.
