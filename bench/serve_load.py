@@ -2,7 +2,7 @@
 
     python bench/serve_load.py [--seconds 4] [--max-requests 120] [--pairs 10] [--classes 5]
                                [--per-class 10] [--space URI] [--formats json,multipart] [--small 2]
-                               [--layouts split,fused]
+                               [--layouts split,fused] [--direct-ingress]
 
 Starts a local Ray and Serve on 127.0.0.1 (a free port), deploys serve/config.yaml with one replica
 per deployment (no autoscaling, so the rows compare like with like) over a tiny random space
@@ -17,8 +17,11 @@ requests alternating with ``Retriever.retrieve_images`` on the same images in a 
 torch thread and the same niceness as the Encoder replica), medians of each; the answers'
 ``Server-Timing`` headers split the HTTP time into the proxy, the Ingress's decoding, each
 deployment's own work and the hops between them. Ray Serve's latency switches are set as `tans
-serve` sets them (serve/args.py: SERVE_LATENCY_ENV; export one as 1 to compare). Everything
-listens on 127.0.0.1 and is shut down at the end."""
+serve` sets them (serve/args.py: SERVE_LATENCY_ENV; export one as 1 to compare). With
+``--direct-ingress`` Ray starts with Serve's direct ingress on (`tans serve --direct-ingress`), and
+every cell is also measured against the Ingress replica's own port (layout ``<layout>/direct``):
+the proxy and the direct path in one run, on the same replicas. Everything listens on 127.0.0.1
+and is shut down at the end."""
 
 from __future__ import annotations
 
@@ -172,10 +175,10 @@ def report(ns: argparse.Namespace, rows: list[dict], ratios: dict, formats: list
     print(f"\nquery: {n_images} images ({ns.classes} classes x {ns.per_class}, {IMAGE_SIZE} px PNG, "
           f"{body_bytes / 1024:.0f} KiB JSON), k=10; space {run} ({'given' if ns.space else '1,000 random models'}); "
           f"{os.cpu_count()} CPUs")
-    print(f"{'layout':>6} {'batching':>8} {'format':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} "
+    print(f"{'layout':>12} {'batching':>8} {'format':>9} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'req/s':>7}")
     for r in rows:
-        print(f"{r['layout']:>6} {r['batching']:>8} {r['format']:>9} {r['clients']:>7} {r['requests']:>8} "
+        print(f"{r['layout']:>12} {r['batching']:>8} {r['format']:>9} {r['clients']:>7} {r['requests']:>8} "
               f"{r['errors']:>6} {r['p50'] * 1e3:>8.1f} {r['p99'] * 1e3:>8.1f} {r['rps']:>7.1f}")
     for r in rows:
         if r["first_error"]:
@@ -187,8 +190,9 @@ def report(ns: argparse.Namespace, rows: list[dict], ratios: dict, formats: list
               f"{t_lib * 1e3:.1f} ms = {t_http / t_lib:.2f}; target <= 1.2 x + 5 ms: "
               f"{'met' if t_http <= 1.2 * t_lib + 0.005 else 'missed'} ({ns.pairs} alternating pairs, 1 client)")
         if split:
+            outside = "client" if layout.endswith("/direct") else "proxy+client"  # no proxy on that path
             print("    where the HTTP time went (medians, ms, from Server-Timing): "
-                  + ", ".join(f"{k} {split[k]:.1f}" for k in SPLIT))
+                  + ", ".join(f"{outside if k == 'proxy+client' else k} {split[k]:.1f}" for k in SPLIT))
     by = {(r["layout"], r["batching"], r["format"], r["clients"]): r["rps"] for r in rows}
     for layout in layouts:
         for fmt in [*formats, *([f"small{ns.small}"] if ns.small else [])]:
@@ -221,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default="json,multipart", help="request encodings to measure")
     parser.add_argument("--small", type=int, default=2, help="images per small request (0: skip that cell)")
     parser.add_argument("--layouts", default="split,fused", help="app layouts to measure: split and/or fused")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="also measure each layout on the Ingress replica's own port (no proxy)")
     ns = parser.parse_args(argv)
     formats = [f for f in ns.formats.split(",") if f]
     if not set(formats) <= {"json", "multipart"} or not formats:
@@ -232,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve.args import set_latency_env
-    from serve.deploy import apply_config
+    from serve.args import set_direct_ingress_env, set_latency_env
+    from serve.deploy import apply_config, direct_ingress_urls
     from serve.toy import IMAGE_SIZE, make_toy_space, toy_images
     from tans.data.tasks import encode_png
 
@@ -255,30 +261,40 @@ def main(argv: list[str] | None = None) -> int:
             small = (json.dumps({"images": [base64.b64encode(encode_png(im)).decode() for im in images[:n]],
                                  "labels": small_labels.tolist(), "k": 10}).encode(), "application/json")
         set_latency_env()  # as `tans serve` does: the proxy inherits them
+        if ns.direct_ingress:
+            set_direct_ingress_env()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(workdir / "ray"))
         in_process = ray.remote(num_cpus=0)(InProcess).remote(space, images, labels)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}/v1/retrieve"
+        proxy_url = f"http://127.0.0.1:{port}/v1/retrieve"
         for layout, batching in [(lay, b) for lay in layouts for b in (True, False)]:
             apply_config(layout_config(layout, run, root, batching))  # a new layout redeploys; batching reconfigures
             mode = "on" if batching else "off"
-            for fmt, (data, ctype) in bodies.items():
-                load_cell(url, data, 2, 2.0, 10, ctype)  # warm-up
-                ratios[(layout, mode, fmt)] = lockstep_ratio(url, data, in_process, ns.pairs, ctype)
-                for clients in CLIENTS:
-                    rows.append({"layout": layout, "batching": mode, "format": fmt,
-                                 **load_cell(url, data, clients, ns.seconds, ns.max_requests, ctype)})
-            if small is not None:
-                rows.append({"layout": layout, "batching": mode, "format": f"small{ns.small}",
-                             **load_cell(url, small[0], 16, ns.seconds, ns.max_requests * 4, small[1])})
+            paths = [(layout, proxy_url)]
+            if ns.direct_ingress:
+                direct = direct_ingress_urls("127.0.0.1")
+                if len(direct) != 1:
+                    raise RuntimeError(f"expected one direct-ingress port for the one Ingress replica, got {direct}")
+                paths.append((f"{layout}/direct", f"{direct[0]}/v1/retrieve"))
+            for label, url in paths:
+                for fmt, (data, ctype) in bodies.items():
+                    load_cell(url, data, 2, 2.0, 10, ctype)  # warm-up
+                    ratios[(label, mode, fmt)] = lockstep_ratio(url, data, in_process, ns.pairs, ctype)
+                    for clients in CLIENTS:
+                        rows.append({"layout": label, "batching": mode, "format": fmt,
+                                     **load_cell(url, data, clients, ns.seconds, ns.max_requests, ctype)})
+                if small is not None:
+                    rows.append({"layout": label, "batching": mode, "format": f"small{ns.small}",
+                                 **load_cell(url, small[0], 16, ns.seconds, ns.max_requests * 4, small[1])})
     finally:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    report(ns, rows, ratios, formats, len(labels), len(body), run, layouts)
+    measured = [lay + via for lay in layouts for via in ("", "/direct") if via == "" or ns.direct_ingress]
+    report(ns, rows, ratios, formats, len(labels), len(body), run, measured)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -81,6 +81,32 @@ def apply_config(config: dict, timeout_s: float = 240) -> None:
     raise TimeoutError(f"apps not running after {timeout_s:.0f}s: {states}")
 
 
+def direct_ingress_urls(host: str, app: str = "tans") -> list[str]:
+    """``http://HOST:PORT`` of each Ingress replica of ``app`` that answers HTTP itself (direct
+    ingress, :data:`serve.args.DIRECT_INGRESS_ENV`); [] when this Ray runs without it.
+
+    A replica listens on Serve's own host: ``host``, unless that is a wildcard (0.0.0.0, ::),
+    where the replica's node address is the one to reach it by. Reads the Serve controller's
+    routing table (``get_target_groups``, what Serve's HAProxy integration reads: no public API
+    gives the replicas' ports in Ray 2.60).
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    if client is None:
+        raise RuntimeError("no running Ray Serve")
+    groups = ray.get(client._controller.get_target_groups.remote(app))
+    urls = []
+    for group in groups:
+        if getattr(group.protocol, "value", str(group.protocol)) != "HTTP":
+            continue
+        for target in group.targets:
+            if target.port and target.port > 0:
+                urls.append(f"http://{target.ip if host in ('0.0.0.0', '::', '') else host}:{target.port}")
+    return sorted(set(urls))
+
+
 def _messages(app) -> list[str]:
     """An application status's message, then each of its deployments' (where the replicas' errors are)."""
     return [app.message] + [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
