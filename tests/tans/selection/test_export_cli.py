@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tans import cli
+from jobs import cli
 from tans.selection.export import export_model, load_model
 from tans.selection.finetune import build_candidate
 from tans.zoo.subnets import sample_archs
