@@ -13,6 +13,7 @@ akin to Devanagari, and several Cherokee letters look like Latin ones).
 
 from __future__ import annotations
 
+import argparse
 import random
 import subprocess
 import sys
@@ -35,15 +36,13 @@ def script_fonts(letters: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    script = "georgian"
-    if "--script" in argv:
-        i = argv.index("--script")
-        script = argv[i + 1] if i + 1 < len(argv) else ""
-        argv = argv[:i] + argv[i + 2:]
-    if script not in SCRIPTS:
-        raise SystemExit(f"error: --script must be one of {', '.join(SCRIPTS)}")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", default=None, help="folder to write (default /tmp/<script>_letters)")
+    parser.add_argument("--script", default="georgian", choices=sorted(SCRIPTS))
+    ns = parser.parse_args(argv)
+    script = ns.script
     letters = [chr(SCRIPTS[script] + i) for i in range(10)]
-    out = Path(argv[0] if argv else f"/tmp/{script}_letters")
+    out = Path(ns.out or f"/tmp/{script}_letters")
     fonts, rng = script_fonts(letters), random.Random(0)
     for i, ch in enumerate(letters):
         folder = out / f"letter_{i:02d}_{ch}"
