@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve.args import set_direct_ingress_env, set_latency_env
+    from serve.args import set_serve_env
     from serve.deploy import apply_config, direct_ingress_urls
     from serve.toy import IMAGE_SIZE, make_toy_space, toy_images
     from tans.data.tasks import encode_png
@@ -260,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             small_labels = np.arange(n) % 2
             small = (json.dumps({"images": [base64.b64encode(encode_png(im)).decode() for im in images[:n]],
                                  "labels": small_labels.tolist(), "k": 10}).encode(), "application/json")
-        set_latency_env()  # as `tans serve` does: the proxy inherits them
-        if ns.direct_ingress:
-            set_direct_ingress_env()
+        set_serve_env(direct_ingress=ns.direct_ingress)  # as `tans serve` does: the proxy inherits them
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(workdir / "ray"))
         in_process = ray.remote(num_cpus=0)(InProcess).remote(space, images, labels)
         port = free_port()
@@ -293,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    measured = [lay + via for lay in layouts for via in ("", "/direct") if via == "" or ns.direct_ingress]
+    vias = ("", "/direct") if ns.direct_ingress else ("",)
+    measured = [layout + via for layout in layouts for via in vias]
     report(ns, rows, ratios, formats, len(labels), len(body), run, measured)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return 0

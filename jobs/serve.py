@@ -63,12 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.runtime import init_ray
     from serve.app import build_app
-    from serve.args import set_direct_ingress_env, set_latency_env
+    from serve.args import set_serve_env
     from serve.deploy import direct_ingress_urls
 
-    set_latency_env()
-    if ns.direct_ingress:
-        set_direct_ingress_env()
+    set_serve_env(direct_ingress=ns.direct_ingress)
     ray = init_ray()
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill, a container stop: the same clean shutdown
         signal.signal(sig, _interrupt)

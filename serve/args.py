@@ -50,13 +50,6 @@ SERVE_LATENCY_ENV = {
 }
 
 
-def set_latency_env() -> None:
-    """SERVE_LATENCY_ENV into this process's environment, where not already set, before Ray starts:
-    a local Ray's proxy and replicas inherit it (export one as 1 to turn it off)."""
-    for name, value in SERVE_LATENCY_ENV.items():
-        os.environ.setdefault(name, value)
-
-
 # `tans serve --direct-ingress`: Ray Serve's direct ingress (experimental in Ray 2.60). The
 # Ingress replica answers HTTP itself, on a port of its own (30000-31000) on Serve's host, beside
 # the proxy's port: no proxy hop, and the body arrives in the process that decodes it. Measured
@@ -70,9 +63,11 @@ DIRECT_INGRESS_ENV = {
 }
 
 
-def set_direct_ingress_env() -> None:
-    """DIRECT_INGRESS_ENV into this process's environment, where not already set, before Ray starts."""
-    for name, value in DIRECT_INGRESS_ENV.items():
+def set_serve_env(direct_ingress: bool = False) -> None:
+    """SERVE_LATENCY_ENV (and DIRECT_INGRESS_ENV if asked) into this process's environment, where
+    not already set, before Ray starts: a local Ray's proxy and replicas inherit it (export one of
+    them otherwise to override it)."""
+    for name, value in {**SERVE_LATENCY_ENV, **(DIRECT_INGRESS_ENV if direct_ingress else {})}.items():
         os.environ.setdefault(name, value)
 
 
