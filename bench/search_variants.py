@@ -1,6 +1,6 @@
 """Replay ``tans_search`` variants on finished ``tans evaluate`` records, without fine-tuning.
 
-    python bench/search_variants.py ROOT RUN [RUN ...] [--nearest-margins 1,2,3] [--ensemble]
+    python bench/search_variants.py ROOT RUN [RUN ...] [--nearest-margins 1,2,3] [--val-loss] [--ensemble]
 
 Every record of a run (``ROOT/evaluations/RUN/targets/*.json``) holds each pool model's
 validation and test accuracy after the search recipe's fine-tune (``ground_truth``) and every
@@ -20,7 +20,11 @@ accuracy in the pool minus the pick's. Variants:
 * ``nearest_within_<m>`` (with ``--nearest-margins m,...``): the models the run's search fine-tuned
   (``tans_search.finetuned``), but ``nearest_dataset``'s pick is kept unless another of them is
   ahead of it on validation by more than ``m`` points: a prior for the obvious neighbour against
-  the noise of a small validation split.
+  the noise of a small validation split;
+* ``by_val_accuracy`` and ``by_val_loss`` (with ``--val-loss``): the models the run's search
+  fine-tuned, chosen by the highest validation accuracy or by the lowest validation loss (ties:
+  the earlier candidate), the two rules of ``select_by`` in the search recipe. Needs records
+  whose ground truth holds ``val_loss`` (``tans evaluate`` writes it since that key exists).
 
 Printed per record and as means (per run, then over the records of all RUNs together), with
 ``nearest_dataset`` and ``logme`` for reference, and per variant the number of tasks (mean over a
@@ -78,7 +82,27 @@ def nearest_within(record: dict, margin_pts: float) -> str:
     return best
 
 
-def variants(record: dict, margins: tuple[float, ...] = ()) -> dict[str, float]:
+def pick_by_val_loss(record: dict, candidates: list[str]) -> str:
+    """The candidate with the lowest validation loss (ties: the earlier one)."""
+    truth = record["ground_truth"]
+    missing = [m for m in candidates if truth[m].get("val_loss") is None]
+    if missing:
+        raise SystemExit(f"search_variants: record {record['task']}-s{record.get('seed')} has no validation loss "
+                         f"for {missing[0]} (records written before tans evaluate kept val_loss)")
+    return min(candidates, key=lambda m: (truth[m]["val_loss"], candidates.index(m)))
+
+
+def rule_variants(record: dict) -> dict[str, float]:
+    """The run's fine-tuned candidates chosen by validation accuracy, and by validation loss."""
+    finetuned = record["methods"]["tans_search"].get("finetuned")
+    if not finetuned:
+        raise SystemExit(f"search_variants: record {record['task']}-s{record.get('seed')} has no "
+                         "tans_search.finetuned list")
+    return {"by_val_accuracy": regret(record, pick_on_validation(record, finetuned)),
+            "by_val_loss": regret(record, pick_by_val_loss(record, finetuned))}
+
+
+def variants(record: dict, margins: tuple[float, ...] = (), val_loss: bool = False) -> dict[str, float]:
     methods, pool = record["methods"], record["pool"]
     by_similarity = top(methods["tans_similarity"]["scores"], 4, pool)
     nearest = methods["nearest_dataset"]["pick"]
@@ -90,6 +114,7 @@ def variants(record: dict, margins: tuple[float, ...] = ()) -> dict[str, float]:
         "with_nearest": regret(record, pick_on_validation(record, with_nearest)),
         "random3_nearest": random_with_nearest(record, nearest),
         **{f"nearest_within_{m:g}": regret(record, nearest_within(record, m)) for m in margins},
+        **(rule_variants(record) if val_loss else {}),
         "nearest_dataset": regret(record, nearest),
         "logme": regret(record, methods["logme"]["pick"]),
     }
@@ -149,6 +174,8 @@ def main() -> None:
     ap.add_argument("--ensemble", action="store_true", help="judge the RUNs' spaces as one ensemble")
     ap.add_argument("--nearest-margins", default="", metavar="M,...",
                     help="also judge keeping nearest_dataset's pick unless beaten on validation by > M points")
+    ap.add_argument("--val-loss", action="store_true",
+                    help="also judge choosing the search's fine-tunes by validation loss instead of accuracy")
     args = ap.parse_args()
     try:
         margins = tuple(float(m) for m in args.nearest_margins.split(",") if m.strip())
@@ -166,7 +193,7 @@ def main() -> None:
         return
     pooled_rows, pooled_tasks = {}, {}
     for run, records in runs.items():
-        rows = {s: variants(r, margins) for s, r in records.items()}
+        rows = {s: variants(r, margins, args.val_loss) for s, r in records.items()}
         print_table(run, rows, {s: r["task"] for s, r in records.items()})
         pooled_rows.update({f"{run}/{s}": row for s, row in rows.items()})
         pooled_tasks.update({f"{run}/{s}": r["task"] for s, r in records.items()})

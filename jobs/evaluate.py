@@ -68,7 +68,7 @@ from tans.storage import Storage
 CACHE_KEYS = ("epochs", "lrs", "batch_size", "weight_decay", "val_fraction", "max_train_images", "max_test_images",
               "query_per_class", "logme_images")
 # in evaluation.json and run.json
-RECIPE_KEYS = CACHE_KEYS + ("top_k", "finetune", "rerank", "nearest_candidate", "prior_weight")
+RECIPE_KEYS = CACHE_KEYS + ("top_k", "finetune", "rerank", "nearest_candidate", "prior_weight", "select_by")
 
 
 # -- frozen-feature scores of the pool (Ray tasks) -------------------------------------------------
@@ -214,6 +214,13 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
         storage.delete(tune_rel)
         storage.delete(f"{tune_rel}-rerun")  # where run_trials re-ran trials Tune resumed without their config
         cached = None
+    if cached is not None and recipe.select_by == "val_loss" and any(
+            t.get("val_loss") is None for t in cached["ground_truth"].values()):
+        # recorded before fine-tunes kept their validation loss: the rule needs it, so measure again
+        # (the fine-tunes are deterministic on CPU: the same accuracies, now with their losses)
+        print(f"[evaluate] {task} seed {seed}: the cached ground truth has no validation losses, which "
+              f"select_by=val_loss needs; measuring again", flush=True)
+        cached = None
     if cached is not None and all(m in cached["features"] for m in wanted_features):
         print(f"[evaluate] {task} seed {seed}: ground truth and feature scores of this pool measured earlier "
               f"({storage.uri_of(rel)})", flush=True)
@@ -237,8 +244,10 @@ def measure_pool(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage, zo
     for spec in specs:
         r = by_trial[spec.trial]
         if r.status == "finished":
-            truth[spec.model_id] = {"test_accuracy": r.final_test, "val_accuracy": r.final_val, "std": 0.0, "n": 1,
-                                    "seconds": round(r.seconds, 2), "epoch_test_accuracy": r.test_accuracy}
+            truth[spec.model_id] = {"test_accuracy": r.final_test, "val_accuracy": r.final_val,
+                                    "val_loss": r.final_val_loss, "std": 0.0, "n": 1, "seconds": round(r.seconds, 2),
+                                    "epoch_test_accuracy": r.test_accuracy, "epoch_val_accuracy": r.val_accuracy,
+                                    "epoch_val_loss": r.val_loss}
         else:
             failed.append({"model_id": spec.model_id, "error": r.error or r.status})
     references = {}
@@ -323,7 +332,7 @@ def evaluate_target(cfg: EvaluateConfig, recipe: SearchConfig, storage: Storage,
     truth, failed, references = measured["ground_truth"], measured["failed"], measured["references"]
 
     # tans_search: what `tans search` returns, from the trials it would itself have run
-    pick = tans_search_pick(finetuned, {m: (truth.get(m) or {}).get("val_accuracy") for m in finetuned})
+    pick = tans_search_pick(finetuned, truth, recipe.select_by)
     search_seconds = t_tans + (t_near if near_pick else 0.0) + sum(truth[m]["seconds"] for m in finetuned if m in truth)
     scores["tans_search"] = {"scores": None, "pick": pick, "finetuned": finetuned, "seconds": search_seconds}
     out_methods = {}
@@ -351,6 +360,8 @@ def load_recipe(cfg: EvaluateConfig) -> SearchConfig:
         overrides.append(f"cpus_per_trial={cfg.cpus_per_trial}")
     if cfg.gpus_per_trial >= 0:
         overrides.append(f"gpus_per_trial={cfg.gpus_per_trial}")
+    if cfg.select_by:
+        overrides.append(f"select_by={cfg.select_by}")
     return load_job_config("search", cfg.search, overrides)
 
 

@@ -84,7 +84,7 @@ def finetune_trial(config: dict, data=None) -> None:
         raise RuntimeError(f"test hook {FAIL_MODEL_ENV}: trial of {spec.model_id} fails on purpose")
     device = "cuda" if config["gpus"] > 0 and torch.cuda.is_available() else "cpu"
     model = build_candidate(spec.family, Arch.from_dict(spec.arch), len(data.classes), spec.weights_uri, spec.seed)
-    state = {"val": [], "test": [], "epochs_done": 0}
+    state = {"val": [], "val_loss": [], "test": [], "epochs_done": 0}
     model_state = optimizer_state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -93,6 +93,7 @@ def finetune_trial(config: dict, data=None) -> None:
             optimizer_state = torch.load(os.path.join(d, "optimizer.pt"), map_location="cpu", weights_only=True)
             with open(os.path.join(d, "state.json")) as f:
                 state = json.load(f)
+            state.setdefault("val_loss", [])  # a checkpoint written before val losses were recorded
         if state["epochs_done"] >= spec.epochs:
             return
 
@@ -103,6 +104,7 @@ def finetune_trial(config: dict, data=None) -> None:
 
     def on_epoch(epoch, metrics, net, optimizer):
         state["val"].append(metrics["val_accuracy"])
+        state["val_loss"].append(metrics["val_loss"])
         state["test"].append(metrics["test_accuracy"])
         state["epochs_done"] = metrics["epochs_done"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +115,8 @@ def finetune_trial(config: dict, data=None) -> None:
             tune.report({"val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"],
                          "train_loss": metrics["train_loss"], "lr": metrics["lr"],
                          "epochs_done": metrics["epochs_done"],
-                         "val_history": list(state["val"]), "test_history": list(state["test"])},
+                         "val_history": list(state["val"]), "val_loss_history": list(state["val_loss"]),
+                         "test_history": list(state["test"])},
                         checkpoint=tune.Checkpoint.from_directory(tmp))
         if die_trial == spec.trial and not os.path.exists(os.path.join(die_dir, "died")):
             open(os.path.join(die_dir, "died"), "w").close()
@@ -225,7 +228,8 @@ def _trial_results(results: list) -> list[TrialResult]:
             status = "finished"
         error = "" if r.error is None else " ".join(str(r.error).split())[-300:]
         ckpt = r.checkpoint.path if r.checkpoint is not None else ""
-        out.append(TrialResult(spec, status, val, test, error, float(m.get("time_total_s") or 0.0), ckpt))
+        out.append(TrialResult(spec, status, val, test, error, float(m.get("time_total_s") or 0.0), ckpt,
+                               val_loss=list(m.get("val_loss_history") or [])))
     return out
 
 
@@ -304,9 +308,10 @@ NOT_IN_FINGERPRINT = ("force", "root", "name", "cpus_per_trial", "gpus_per_trial
 
 def search_fingerprint(cfg: SearchConfig, task: str, space_info: dict) -> dict:
     """What a search's answer depends on: its settings, its dataset, and the exact space it used."""
-    # precision fp32 (the default) is left out, so runs recorded before the option existed still match
+    # precision fp32 and select_by val_accuracy (the defaults) are left out, so runs recorded before
+    # those options existed still match
     settings = {k: v for k, v in to_dict(cfg).items()
-                if k not in NOT_IN_FINGERPRINT and (k, v) != ("precision", "fp32")}
+                if k not in NOT_IN_FINGERPRINT and (k, v) not in (("precision", "fp32"), ("select_by", "val_accuracy"))}
     return {"settings": settings, "task": task,
             "space": {k: space_info.get(k) for k in ("uri", "zoo", "created_at", "files")}}
 
@@ -421,8 +426,10 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
                   for i, c in enumerate(fine) for lr in cfg.lrs for s in seeds]
     cand_results = run_trials(storage, run_dir, "candidates", cand_specs, data, cfg, asha=cfg.asha)
     candidates = summarise_candidates(cand_results)
-    winner = choose_winner(candidates)
-    print(f"[search] winner {winner['model_id']} (val {winner['val_accuracy']:.3f}, lr {winner['lr']:g})", flush=True)
+    winner = choose_winner(candidates, cfg.select_by)
+    loss = f", val loss {winner['val_loss']:.3f}" if winner.get("val_loss") is not None else ""
+    print(f"[search] winner {winner['model_id']} (by {cfg.select_by}: val {winner['val_accuracy']:.3f}{loss}, "
+          f"lr {winner['lr']:g})", flush=True)
 
     base_specs, extra, logme_seconds = _baseline_specs(cfg, index, winner, data, constraints, result, seeds,
                                                        nearest)
@@ -445,7 +452,7 @@ def _search(cfg: SearchConfig, storage: Storage, hold) -> dict:
         "constraints": dict(constraints),
         "space": {"run": info["run"], "zoo": info["zoo"], "uri": info["uri"]},
         "settings": {"top_k": cfg.top_k, "finetune": cfg.finetune, "nearest_candidate": cfg.nearest_candidate,
-                     "prior_weight": cfg.prior_weight,
+                     "prior_weight": cfg.prior_weight, "select_by": cfg.select_by,
                      "nearest_candidate_added": added, "epochs": cfg.epochs, "seeds": cfg.seeds,
                      "lrs": list(cfg.lrs), "batch_size": cfg.batch_size, "asha": cfg.asha, "seed": cfg.seed},
         "search_seconds": round(time.perf_counter() - t_start, 1),

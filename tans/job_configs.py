@@ -286,6 +286,9 @@ class SearchConfig:
     # models that meet the constraints (tans.space.retrieval.blend_with_prior) instead of similarity
     # top-k + re-rank; 0: the space alone. 0.5 chosen on meta_val plus held-out sources (README).
     prior_weight: float = 0.5
+    # what chooses among the fine-tuned candidates: the highest validation accuracy or the lowest
+    # validation loss (tans.selection.search.pick_by_validation; ties: the better-ranked candidate)
+    select_by: str = "val_accuracy"
     epochs: int = 3
     seeds: int = 1  # every fine-tune repeats with seeds seed..seed+seeds-1 (mean ± std)
     lrs: list[float] = field(default_factory=lambda: [0.02])  # grid: model and lr chosen together
@@ -315,6 +318,8 @@ class SearchConfig:
             raise ValueError("top_k and finetune must be >= 1")
         if not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be >= 0 (0: retrieval by the space alone), got {self.prior_weight}")
+        if self.select_by not in ("val_accuracy", "val_loss"):
+            raise ValueError(f"select_by must be val_accuracy or val_loss, got {self.select_by!r}")
         if self.finetune > self.top_k:
             raise ValueError(f"finetune ({self.finetune}) cannot be larger than top_k ({self.top_k})")
         if self.epochs < 1 or self.seeds < 1:
@@ -352,6 +357,9 @@ class EvaluateConfig:
     scratch_long_factor: int = 10  # scratch_long trains this many times the recipe's epochs (first seed only)
     cpus_per_trial: float = 0.0  # 0: the recipe's
     gpus_per_trial: float = -1.0  # < 0: the recipe's
+    # "": the recipe's rule for tans_search's choice among its fine-tunes; val_accuracy or val_loss
+    # judges the other rule over the same ground truth (records without val losses are measured again)
+    select_by: str = ""
     force: bool = False  # redo finished targets
 
     def validate(self) -> None:
@@ -374,6 +382,9 @@ class EvaluateConfig:
             raise ValueError(f"scratch_long_factor must be >= 1, got {self.scratch_long_factor}")
         if not self.search:
             raise ValueError("search: name the search config whose fine-tune recipe is the ground truth")
+        if self.select_by not in ("", "val_accuracy", "val_loss"):
+            raise ValueError(f"select_by must be val_accuracy or val_loss (or empty: the recipe's), "
+                             f"got {self.select_by!r}")
 
 
 def _all_references() -> list[str]:

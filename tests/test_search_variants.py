@@ -71,6 +71,21 @@ def test_nearest_within_keeps_the_neighbour_unless_beaten_by_more_than_the_margi
         mod.nearest_within(record, 1)
 
 
+def test_the_fine_tunes_chosen_by_validation_loss():
+    mod = _module()
+    record = _record()
+    losses = {"a": 0.9, "b": 0.8, "c": 0.5, "d": 0.1, "e": 0.5, "f": 0.2}
+    for m, loss in losses.items():
+        record["ground_truth"][m]["val_loss"] = loss
+    # fine-tuned a, b, c, e: by accuracy b (0.7, before c); by loss c and e tie at 0.5, c first
+    assert mod.rule_variants(record) == pytest.approx({"by_val_accuracy": 20.0, "by_val_loss": 15.0})
+    assert mod.variants(record, val_loss=True)["by_val_loss"] == pytest.approx(15.0)
+    assert "by_val_loss" not in mod.variants(record)
+    del record["ground_truth"]["e"]["val_loss"]
+    with pytest.raises(SystemExit, match="no validation loss for e"):
+        mod.rule_variants(record)
+
+
 def test_cli_prints_means_and_rejects_an_empty_run(tmp_path):
     targets = tmp_path / "evaluations" / "r" / "targets"
     targets.mkdir(parents=True)

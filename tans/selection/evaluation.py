@@ -102,18 +102,18 @@ def random_scores(ids: list[str], seed: int) -> dict[str, float]:
     return {m: float(v) for m, v in zip(ids, rng.random(len(ids)))}
 
 
-def tans_search_pick(finetuned: list[str], val_accuracy: dict[str, float | None]) -> str | None:
-    """The model ``tans search`` returns: of the candidates it fine-tunes (best-predicted first),
-    the one with the best validation accuracy; ties go to the earlier candidate.
+def tans_search_pick(finetuned: list[str], truth: dict[str, dict], select_by: str = "val_accuracy") -> str | None:
+    """The model ``tans search`` returns: of the candidates it fine-tunes (best-ranked first), the
+    one its rule ``select_by`` chooses on validation
+    (:func:`tans.selection.search.pick_by_validation`: ties go to the earlier candidate).
 
-    ``val_accuracy`` comes from the ground-truth fine-tunes, which use the search's own recipe,
-    split and seed, so it is the validation accuracy the search would have seen.
+    ``truth`` holds the ground-truth fine-tunes' records, which use the search's own recipe, split
+    and seed: their ``val_accuracy`` and ``val_loss`` are what the search would have seen.
     """
-    done = [(m, v) for m in finetuned if (v := val_accuracy.get(m)) is not None]
-    if not done:
-        return None
-    best = max(v for _, v in done)
-    return next(m for m, v in done if v == best)
+    from tans.selection.search import pick_by_validation
+
+    entries = [(m, (truth.get(m) or {}).get("val_accuracy"), (truth.get(m) or {}).get("val_loss")) for m in finetuned]
+    return pick_by_validation(entries, select_by)
 
 
 # -- the report -----------------------------------------------------------------------------------------

@@ -186,10 +186,15 @@ class TrialResult:
     error: str = ""
     seconds: float = 0.0
     checkpoint: str = ""  # where the last checkpoint is (for the winner's export)
+    val_loss: list[float] = field(default_factory=list)  # per epoch (empty in records made before it was kept)
 
     @property
     def final_val(self) -> float | None:
         return self.val_accuracy[-1] if self.val_accuracy else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_loss[-1] if self.val_loss else None
 
     @property
     def final_test(self) -> float | None:
@@ -278,6 +283,7 @@ def summarise_candidates(results: list[TrialResult]) -> list[dict]:
             "model_id": model_id, "task": s.task, "n_params": s.n_params, "flops": s.flops, "lr": lr,
             "similarity": s.similarity, "predicted_accuracy": s.predicted_accuracy,
             "val_accuracy": float(np.mean([r.val_accuracy[-1] for r in ok])) if ok else None,
+            "val_loss": float(np.mean([r.val_loss[-1] for r in ok])) if ok and all(r.val_loss for r in ok) else None,
             "test_accuracy": float(np.mean([r.test_accuracy[-1] for r in ok])) if ok else None,
             "test_std": float(np.std([r.test_accuracy[-1] for r in ok])) if ok else None,
             "epoch_accuracy": [float(v) for v in np.mean([r.test_accuracy for r in ok], axis=0)] if ok else [],
@@ -291,13 +297,40 @@ def summarise_candidates(results: list[TrialResult]) -> list[dict]:
     return out
 
 
-def choose_winner(candidates: list[dict]) -> dict:
-    """The candidate with the best mean *validation* accuracy (never test); ties: higher prediction."""
-    ok = [c for c in candidates if c["val_accuracy"] is not None]
-    if not ok:
+# How a search chooses among the candidates it fine-tuned (SearchConfig.select_by); the README's
+# "Evaluation" says which one meta_val supported.
+SELECT_BY = ("val_accuracy", "val_loss")
+
+
+def pick_by_validation(entries: list[tuple[str, float | None, float | None]], select_by: str) -> str | None:
+    """The id chosen among ``(id, val_accuracy, val_loss)`` entries, given in the search's order
+    (best-ranked candidate first): the highest validation accuracy or the lowest validation loss;
+    ties go to the earlier entry. Entries without the measure are skipped; with ``val_loss``, if
+    any accuracy-bearing entry lacks a loss (trials recorded before losses were kept), the choice
+    falls back to accuracy for all, so that no candidate loses for want of a number. None when
+    no entry has a validation accuracy.
+    """
+    if select_by not in SELECT_BY:
+        raise ValueError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+    done = [(m, acc, loss) for m, acc, loss in entries if acc is not None]
+    if not done:
+        return None
+    if select_by == "val_loss" and all(loss is not None for _, _, loss in done):
+        score = [-float(loss) for _, _, loss in done]  # type: ignore[arg-type]
+    else:
+        score = [float(acc) for _, acc, _ in done]
+    return done[int(np.argmax(score))][0]  # argmax: the first of equal scores
+
+
+def choose_winner(candidates: list[dict], select_by: str = "val_accuracy") -> dict:
+    """The candidate chosen on *validation* (never test) by ``select_by``
+    (:func:`pick_by_validation`); ties go to the earlier, better-ranked candidate."""
+    entries = [(str(i), c["val_accuracy"], c.get("val_loss")) for i, c in enumerate(candidates)]
+    chosen = pick_by_validation(entries, select_by)
+    if chosen is None:
         errors = "; ".join(e for c in candidates for e in c["errors"][:1])
         raise SearchError(f"every candidate's fine-tune failed ({errors[:300]})")
-    return max(ok, key=lambda c: (c["val_accuracy"], c["predicted_accuracy"] or 0.0))
+    return candidates[int(chosen)]
 
 
 def baseline_entry(results: list[TrialResult], **extra) -> dict:
@@ -315,6 +348,10 @@ def baseline_entry(results: list[TrialResult], **extra) -> dict:
 
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _loss(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def _cell(entry: dict | None) -> str:
@@ -339,7 +376,8 @@ def report_markdown(report: dict) -> str:
         f"val {report['dataset']['val']} / "
         f"test {report['dataset']['test']} images. Fine-tuned {_finetuned_phrase(report['settings'])} "
         f"for {report['settings']['epochs']} epoch(s), "
-        f"{report['settings']['seeds']} seed(s); the winner is chosen on validation accuracy.",
+        f"{report['settings']['seeds']} seed(s); the winner is chosen on validation "
+        f"{'loss' if report['settings'].get('select_by') == 'val_loss' else 'accuracy'}.",
         "",
         "| method | model | test accuracy (%) |",
         "|---|---|---|",
@@ -361,14 +399,14 @@ def report_markdown(report: dict) -> str:
         "",
         "## Candidates (retrieved, best predicted first)",
         "",
-        "| model | zoo task | params | MFLOPs | similarity | predicted | val | test | status |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | zoo task | params | MFLOPs | similarity | predicted | val | val loss | test | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cand in report["candidates"]:
         lines.append(
             f"| `{cand['model_id']}` | {cand['task']} | {cand['n_params']:,} | {cand['flops'] / 1e6:.1f} | "
             f"{cand['similarity']:.3f} | {_pct(cand['predicted_accuracy'])} | {_pct(cand['val_accuracy'])} | "
-            f"{_pct(cand['test_accuracy'])} | {cand['status']} |")
+            f"{_loss(cand.get('val_loss'))} | {_pct(cand['test_accuracy'])} | {cand['status']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -101,6 +101,10 @@ def test_metrics_recompute_from_the_raw_numbers(resumed, tmp_path):
         fine = t["methods"]["tans_search"]["finetuned"]
         vals = [t["ground_truth"][i]["val_accuracy"] for i in fine]
         assert t["methods"]["tans_search"]["pick"] == fine[int(np.argmax(vals))]
+        # every fine-tune keeps its validation loss (per epoch too): the other rule can be judged
+        for rec in t["ground_truth"].values():
+            assert rec["val_loss"] > 0 and rec["epoch_val_loss"][-1] == rec["val_loss"]
+            assert len(rec["epoch_val_accuracy"]) == len(rec["epoch_test_accuracy"]) == 2
     for m, got in per_method.items():
         s = ev["summary"][m]
         assert s["top1_regret"] == pytest.approx(float(np.mean(got["regret"])), abs=1e-9), m
@@ -139,6 +143,15 @@ def test_metrics_recompute_from_the_raw_numbers(resumed, tmp_path):
                                                                                   ["scores"], pool)
             assert [ret[m] for m in pool] == pytest.approx(list(blend), abs=1e-5)
         assert fine2 == [max(pool, key=lambda m: t2["methods"]["tans_retrieval"]["scores"][m])]
+    # judged by the validation loss instead, over the same cached ground truth
+    by_loss = _evaluate(root, "--name", "main-loss", "select_by=val_loss")
+    assert by_loss.returncode == 0 and by_loss.stdout.count("measured earlier") == 2, by_loss.stderr[-3000:]
+    ev3 = json.loads((root / "evaluations" / "main-loss" / "evaluation.json").read_text())
+    assert ev3["settings"]["recipe"]["select_by"] == "val_loss"
+    for t in ev3["targets"]:
+        fine = t["methods"]["tans_search"]["finetuned"]
+        losses = [t["ground_truth"][i]["val_loss"] for i in fine]
+        assert t["methods"]["tans_search"]["pick"] == fine[int(np.argmin(losses))]
     # the same name with other settings is refused in one line
     clash = _evaluate(root, "--name", "main", "pool_cap=4")
     assert clash.returncode == 1 and "other settings" in clash.stderr

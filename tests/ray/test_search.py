@@ -65,6 +65,7 @@ def test_report_schema_winner_and_constraints(searched, ledger):
     assert report["settings"]["nearest_candidate_added"] in (None, near[0])
     winner = report["winner"]
     assert winner["val_accuracy"] == max(c["val_accuracy"] for c in tuned)  # chosen on validation
+    assert all(c["val_loss"] > 0 for c in tuned)  # kept for the other rule (select_by=val_loss)
     assert winner["measured"]["n_params"] <= limit and winner["measured"]["n_params"] == winner["n_params"]
     names = set(report["baselines"])
     assert {"scratch", "scratch_matched", "generic", "random", "nearest_dataset", "logme", "oracle"} <= names
@@ -190,6 +191,7 @@ def test_an_interrupted_search_resumes(tiny_space, damaged, ledger):
         (["--dataset", "no_such_task"], "no_such_task"),
         (["--dataset", TASK, "--max-params", "10"], "smallest model"),
         (["--dataset", TASK, "--top-k", "2", "--finetune", "3"], "finetune"),
+        (["--dataset", TASK, "select_by=test_accuracy"], "select_by must be val_accuracy or val_loss"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_no_search(tiny_space, args, needle):

@@ -80,9 +80,19 @@ def test_size_random_and_the_search_pick():
     r0, r1 = random_scores(["a", "b", "c"], 0), random_scores(["a", "b", "c"], 1)
     assert r0 == random_scores(["a", "b", "c"], 0) and r0 != r1
     # the best validation accuracy among the fine-tuned candidates; ties to the earlier one
-    assert tans_search_pick(["a", "b", "c"], {"a": 0.5, "b": 0.7, "c": 0.7}) == "b"
-    assert tans_search_pick(["a", "b"], {"a": None, "b": 0.1}) == "b"
-    assert tans_search_pick(["a"], {"a": None}) is None
+    truth = {"a": {"val_accuracy": 0.5, "val_loss": 0.9}, "b": {"val_accuracy": 0.7, "val_loss": 1.2},
+             "c": {"val_accuracy": 0.7, "val_loss": 0.4}, "d": {"val_accuracy": 0.5, "val_loss": 0.4}}
+    assert tans_search_pick(["a", "b", "c"], truth) == "b"
+    # by validation loss: the lowest; ties to the earlier one; models not fine-tuned are skipped
+    assert tans_search_pick(["a", "b", "c", "d"], truth, "val_loss") == "c"
+    assert tans_search_pick(["d", "c"], truth, "val_loss") == "d"
+    assert tans_search_pick(["x", "a"], truth, "val_loss") == "a"
+    # a record without losses (made before they were kept): accuracy decides for every candidate
+    assert tans_search_pick(["a", "b", "e"], {**truth, "e": {"val_accuracy": 0.6}}, "val_loss") == "b"
+    assert tans_search_pick(["a", "b"], {"a": {"val_accuracy": None}, "b": {"val_accuracy": 0.1}}) == "b"
+    assert tans_search_pick(["a"], {"a": {"val_accuracy": None}}) is None
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        tans_search_pick(["a"], truth, "test_accuracy")
 
 
 @pytest.mark.timeout(60)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from tans.data.reader import to_float
+from tans.data.reader import iter_batches, to_float
 from tans.selection.finetune import (
     build_candidate,
     build_structure,
     evaluate_accuracy,
+    evaluate_accuracy_loss,
     extract_features,
     features,
     finetune,
@@ -165,6 +166,15 @@ def test_finetune_learns_a_separable_task_and_anneals_per_step():
     assert len(result.val_accuracy) == len(result.test_accuracy) == len(result.train_loss) == 5
     assert result.train_loss[-1] < 0.5 * result.train_loss[0]
     assert result.val_accuracy[-1] == evaluate_accuracy(model, val) and model.training
+    # the validation loss, per epoch, is the mean cross-entropy over the split (computed here by hand)
+    with torch.no_grad():
+        model.eval()
+        images, labels = next(iter_batches(val, len(val)))  # one batch: the whole split, as the model sees it
+        by_hand = float(torch.nn.functional.cross_entropy(model(images), labels))
+        model.train()
+    assert len(result.val_loss) == 5 and abs(result.val_loss[-1] - by_hand) < 1e-4
+    assert result.val_loss[-1] < result.val_loss[0] and seen[-1][1]["val_loss"] == result.val_loss[-1]
+    assert evaluate_accuracy_loss(model, val) == (result.val_accuracy[-1], result.val_loss[-1])
     # One cosine over all 5 x 3 steps (not restarted each epoch), down to ~0 at the last step.
     assert (result.steps_per_epoch, result.total_steps, len(result.lrs)) == (3, 15, 15)
     assert result.lrs == [cosine_lr(s, 15, 0.1) for s in range(15)]
