@@ -1,14 +1,15 @@
 """An ImageFolder no built-in source covers, for trying `tans search` on unseen data.
 
-    .venv/bin/python bench/make_georgian_letters.py [OUT] [--script georgian|armenian|bengali|cherokee]
+    .venv/bin/python bench/make_georgian_letters.py [OUT] [--script georgian|armenian|bengali|cherokee|gurmukhi|malayalam|tifinagh]
     tans search --dataset /tmp/georgian_letters --max-params 3000000     # OUT defaults to /tmp/<script>_letters
 
 10 letters of one script (Georgian U+10D0..U+10D9, Armenian U+0561..U+056A, Bengali
-U+0995..U+099E, Cherokee U+13A0..U+13A9), 150 images each, 64x64 greyscale, drawn with every
+U+0995..U+099E, Cherokee U+13A0..U+13A9, Gurmukhi U+0A15..U+0A1E, Malayalam U+0D15..U+0D1E,
+Tifinagh U+2D30..U+2D39), 150 images each, 64x64 greyscale, drawn with every
 font on this machine whose character map covers all 10 (``fc-list ":charset=10d0 10d1 ..."``),
 with a seeded random size, offset and rotation. No built-in source renders these scripts, so
 neither the zoo nor the space has seen these classes (the nearest built-in relatives: Bengali is
-akin to Devanagari, and several Cherokee letters look like Latin ones).
+akin to Devanagari, as is Gurmukhi, and several Cherokee letters look like Latin ones).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-SCRIPTS = {"georgian": 0x10D0, "armenian": 0x0561, "bengali": 0x0995, "cherokee": 0x13A0}  # first of 10 letters
+# the first of 10 consecutive letters
+SCRIPTS = {"georgian": 0x10D0, "armenian": 0x0561, "bengali": 0x0995, "cherokee": 0x13A0, "gurmukhi": 0x0A15,
+           "malayalam": 0x0D15, "tifinagh": 0x2D30}
 PER_CLASS = 150
 SIZE = 64
 
