@@ -1,6 +1,6 @@
 """An ImageFolder no built-in source covers, for trying `tans search` on unseen data.
 
-    .venv/bin/python bench/make_georgian_letters.py [OUT] [--script georgian|armenian|bengali|cherokee|gurmukhi|malayalam|tifinagh]
+    .venv/bin/python bench/make_georgian_letters.py [OUT] [--script SCRIPT]      # SCRIPT: one of the 7 below
     tans search --dataset /tmp/georgian_letters --max-params 3000000     # OUT defaults to /tmp/<script>_letters
 
 10 letters of one script (Georgian U+10D0..U+10D9, Armenian U+0561..U+056A, Bengali
