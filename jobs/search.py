@@ -63,6 +63,10 @@ DIE_ONCE_ENV = "TANS_SEARCH_DIE_ONCE"
 # What a trial raises when Tune restored it without its config (seen once in CI, Ray 2.60, after an
 # abrupt kill): run_trials runs such trials again in a Tune run of their own.
 CONFIG_LOST = "Tune restored this trial without its config"
+# What Tune raises when a resumed trial's recorded checkpoint was deleted before the kill (seen once
+# in CI: num_to_keep=1 removed it after the experiment state was saved): run_trials runs such
+# trials again too, from the start.
+CHECKPOINT_GONE = "Could not recover from checkpoint as it does not exist"
 
 
 # -- the Tune trainable ---------------------------------------------------------------------------
@@ -152,11 +156,16 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
     print(f"[search] resuming the interrupted {phase} run ({exp})", flush=True)
     restored = [r for r in _fit(_restored_tuner(exp, specs, data, cfg, fs))
                 if "spec" in (r.config or {}) and CONFIG_LOST not in str(r.error or "")]
-    kept = {t.spec.trial: t for t in _trial_results(restored)}
+    gone = [r for r in restored if CHECKPOINT_GONE in str(r.error or "")]
+    kept = {t.spec.trial: t for t in _trial_results([r for r in restored if r not in gone])}
     lost = [s for s in specs if s.trial not in kept]
     if lost:
-        print(f"[search] Tune resumed {len(lost)} trial(s) of the {phase} run without their config; "
-              f"running them again: {', '.join(s.trial for s in lost)}", flush=True)
+        no_checkpoint = {TrialSpec(**r.config["spec"]).trial for r in gone}
+        for what, trials in (("without their config", [s.trial for s in lost if s.trial not in no_checkpoint]),
+                             ("from a checkpoint that is gone", [s.trial for s in lost if s.trial in no_checkpoint])):
+            if trials:
+                print(f"[search] Tune resumed {len(trials)} trial(s) of the {phase} run {what}; "
+                      f"running them again: {', '.join(trials)}", flush=True)
         for t in run_trials(storage, run_dir, f"{phase}-rerun", lost, data, cfg, asha):
             kept[t.spec.trial] = t
     return [kept[s.trial] for s in specs]
