@@ -156,13 +156,12 @@ def run_trials(storage: Storage, run_dir: str, phase: str, specs: list[TrialSpec
     print(f"[search] resuming the interrupted {phase} run ({exp})", flush=True)
     restored = [r for r in _fit(_restored_tuner(exp, specs, data, cfg, fs))
                 if "spec" in (r.config or {}) and CONFIG_LOST not in str(r.error or "")]
-    gone = [r for r in restored if CHECKPOINT_GONE in str(r.error or "")]
-    kept = {t.spec.trial: t for t in _trial_results([r for r in restored if r not in gone])}
+    gone = {TrialSpec(**r.config["spec"]).trial for r in restored if CHECKPOINT_GONE in str(r.error or "")}
+    kept = {t.spec.trial: t for t in _trial_results(restored) if t.spec.trial not in gone}
     lost = [s for s in specs if s.trial not in kept]
     if lost:
-        no_checkpoint = {TrialSpec(**r.config["spec"]).trial for r in gone}
-        for what, trials in (("without their config", [s.trial for s in lost if s.trial not in no_checkpoint]),
-                             ("from a checkpoint that is gone", [s.trial for s in lost if s.trial in no_checkpoint])):
+        for what, trials in (("without their config", [s.trial for s in lost if s.trial not in gone]),
+                             ("from a checkpoint that is gone", [s.trial for s in lost if s.trial in gone])):
             if trials:
                 print(f"[search] Tune resumed {len(trials)} trial(s) of the {phase} run {what}; "
                       f"running them again: {', '.join(trials)}", flush=True)

@@ -23,6 +23,9 @@ CONFIG_DIR = PACKAGED_CONFIG_DIR if PACKAGED_CONFIG_DIR.is_dir() else REPO_ROOT 
 # The baselines a search can run beside the TANS pick (``SearchConfig.baselines``; defined here,
 # where configs are checked without importing anything heavy; tans.selection.search uses it).
 BASELINES = ("scratch", "scratch_matched", "generic", "random", "nearest_dataset", "logme")
+# how a search chooses among the candidates it fine-tuned (tans.selection.search.pick_by_validation);
+# the README's "Evaluation" says which one meta_val supported
+SELECT_BY = ("val_accuracy", "val_loss")
 
 
 @dataclass
@@ -318,8 +321,8 @@ class SearchConfig:
             raise ValueError("top_k and finetune must be >= 1")
         if not self.prior_weight >= 0:
             raise ValueError(f"prior_weight must be >= 0 (0: retrieval by the space alone), got {self.prior_weight}")
-        if self.select_by not in ("val_accuracy", "val_loss"):
-            raise ValueError(f"select_by must be val_accuracy or val_loss, got {self.select_by!r}")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be {' or '.join(SELECT_BY)}, got {self.select_by!r}")
         if self.finetune > self.top_k:
             raise ValueError(f"finetune ({self.finetune}) cannot be larger than top_k ({self.top_k})")
         if self.epochs < 1 or self.seeds < 1:
@@ -382,8 +385,8 @@ class EvaluateConfig:
             raise ValueError(f"scratch_long_factor must be >= 1, got {self.scratch_long_factor}")
         if not self.search:
             raise ValueError("search: name the search config whose fine-tune recipe is the ground truth")
-        if self.select_by not in ("", "val_accuracy", "val_loss"):
-            raise ValueError(f"select_by must be val_accuracy or val_loss (or empty: the recipe's), "
+        if self.select_by and self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be {' or '.join(SELECT_BY)} (or empty: the recipe's), "
                              f"got {self.select_by!r}")
 
 

@@ -35,7 +35,14 @@ from torch import nn
 from tans.data.reader import TaskTensors, iter_batches
 from tans.zoo.elastic import autocast, check_precision, cosine_lr, make_optimizer
 from tans.zoo.model_ops import features as features  # re-exported: the penultimate features
-from tans.zoo.model_ops import headless_flops, headless_params, model_device, recalibrate_bn_stats, top1_correct
+from tans.zoo.model_ops import (
+    headless_flops,
+    headless_params,
+    model_device,
+    recalibrate_bn_stats,
+    top1_correct,
+    top1_correct_loss,
+)
 from tans.zoo.small_maps import fast_layout
 from tans.zoo.subnets import Arch, set_arch
 from tans.zoo.supernets import (
@@ -205,20 +212,7 @@ def evaluate_accuracy_loss(model: nn.Module, data: TaskTensors, batch_size: int 
     """
     if len(data) == 0:
         raise ValueError("evaluate_accuracy_loss needs at least one image")
-    was_training = model.training
-    model.eval()
-    device = model_device(model)
-    correct, loss = 0, 0.0
-    try:
-        with torch.no_grad():
-            for images, labels in iter_batches(data, batch_size):
-                with autocast(device, precision):
-                    logits = model(images.to(device))
-                logits, labels = logits.float(), labels.to(device)
-                correct += int((logits.argmax(dim=1) == labels).sum())
-                loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-    finally:
-        model.train(was_training)
+    correct, _, loss = top1_correct_loss(model, iter_batches(data, batch_size), precision)
     return correct / len(data), loss / len(data)
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from tans.data.tasks import TaskError, check_task_name, read_task_info, task_exists
-from tans.job_configs import BASELINES
+from tans.job_configs import BASELINES, SELECT_BY
 from tans.storage import Storage
 
 
@@ -295,11 +295,6 @@ def summarise_candidates(results: list[TrialResult]) -> list[dict]:
         }
         out.append(entry)
     return out
-
-
-# How a search chooses among the candidates it fine-tuned (SearchConfig.select_by); the README's
-# "Evaluation" says which one meta_val supported.
-SELECT_BY = ("val_accuracy", "val_loss")
 
 
 def pick_by_validation(entries: list[tuple[str, float | None, float | None]], select_by: str) -> str | None:

@@ -7,8 +7,9 @@ supernet) and :mod:`tans.selection.finetune` (standalone subnets fine-tuned for 
   or of a standalone subnet;
 * :func:`recalibrate_bn_stats`: BatchNorm running statistics re-estimated as an exact
   cumulative average (``momentum=None``) over batches, in train mode, no grad, fp32;
-* :func:`top1_correct`: top-1 hits over ``(images, labels)`` batches in eval mode, no grad,
-  the forwards optionally under bfloat16 autocast;
+* :func:`top1_correct` (and :func:`top1_correct_loss`, with the summed cross-entropy): top-1
+  hits over ``(images, labels)`` batches in eval mode, no grad, the forwards optionally under
+  bfloat16 autocast;
 * :func:`flops_of`, :func:`headless_params`, :func:`headless_flops`: the zoo's size
   definitions: parameters of everything but the classifier head; FLOPs counted with the
   formulas of PyTorch's ``FlopCounterMode`` (2 per multiply-add: convolutions and matmuls
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -91,27 +93,36 @@ def recalibrate_bn_stats(model: nn.Module, batches: Iterable) -> int:
     return images_used
 
 
-def top1_correct(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                 precision: str = "fp32") -> tuple[int, int]:
-    """``(correct, total)`` top-1 predictions of ``model`` over ``(images, labels)`` batches.
+def top1_correct_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                      precision: str = "fp32") -> tuple[int, int, float]:
+    """``(correct, total, summed cross-entropy)`` of ``model`` over ``(images, labels)`` batches.
 
     Eval mode (restored afterwards), no grad; ``precision="bf16"`` runs the forwards under
-    bfloat16 autocast (the logits are cast to fp32 before the argmax).
+    bfloat16 autocast (the logits are cast to fp32 before the argmax and the loss).
     """
     was_training = model.training
     model.eval()
     device = model_device(model)
     correct = total = 0
+    loss = 0.0
     try:
         with torch.no_grad():
             for images, labels in batches:
                 with autocast(device, precision):
                     logits = model(images.to(device))
-                pred = logits.float().argmax(dim=1)
-                correct += int((pred == labels.to(pred.device)).sum())
+                logits, labels = logits.float(), labels.to(device)
+                correct += int((logits.argmax(dim=1) == labels).sum())
+                loss += float(F.cross_entropy(logits, labels, reduction="sum"))
                 total += int(labels.shape[0])
     finally:
         model.train(was_training)
+    return correct, total, loss
+
+
+def top1_correct(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 precision: str = "fp32") -> tuple[int, int]:
+    """``(correct, total)`` top-1 predictions of ``model`` (:func:`top1_correct_loss`)."""
+    correct, total, _ = top1_correct_loss(model, batches, precision)
     return correct, total
 
 
